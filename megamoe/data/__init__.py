@@ -1,0 +1,3 @@
+"""Data: tokenizers, Megatron-compatible indexed datasets (.bin/.idx), GPT sample construction, blending,
+and the data-parallel pretraining sampler.
+"""
