@@ -7,8 +7,8 @@ function (sent by module and name); its return value comes back per rank.
 Failure handling:
   - a body that raises on some ranks fails the test with every failing rank's traceback; if the other ranks
     finished too, every collective matched and the pool stays;
-  - a body that does not finish within its timeout (a hang, a rank waiting for a failed one) fails the test
-    naming the ranks that did not answer, and the pool is killed and rebuilt on next use; the session goes on.
+  - a body that does not finish within its timeout (a hang, a rank waiting for a failed one), or whose worker
+    died, fails the test naming those ranks, and the pool is killed and rebuilt on next use; the session goes on.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ class GlooPool:
         for conn in self._conns:
             conn.send(task)
         results: dict[int, tuple[str, Any]] = {}
+        died = False
         pending = {conn: rank for rank, conn in enumerate(self._conns)}
         deadline = time.monotonic() + timeout
         while pending:
@@ -127,10 +128,11 @@ class GlooPool:
                     results[rank] = conn.recv()
                 except EOFError:
                     results[rank] = ("error", f"rank {rank}'s worker process died")
+                    died = True
             if any(status == "error" for status, _ in results.values()):
                 deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
         hung = sorted(pending.values())
-        if hung:
+        if hung or died:
             self.close()  # mismatched collectives: the next run starts a fresh pool
         failed = {r: v for r, (status, v) in results.items() if status == "error"}
         if failed or hung:

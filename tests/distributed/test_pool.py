@@ -1,7 +1,5 @@
 """The gloo pool itself: results per rank, tracebacks of failing ranks, recovery from a hung body."""
 
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,13 +28,6 @@ def _hang_on_rank_one():
 
 def test_all_reduce_results_per_rank(dist_run):
     assert dist_run(4, _all_reduce_rank) == [(r, 10.0) for r in range(4)]
-
-
-def test_warm_all_reduce_is_fast(dist_run):
-    dist_run(4, _all_reduce_rank)  # warm
-    start = time.perf_counter()
-    dist_run(4, _all_reduce_rank)
-    assert time.perf_counter() - start < 1.0
 
 
 def test_failing_rank_traceback_is_reported_and_pool_survives(dist_run):
