@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   creates .venv (pinned CPU torch + megamoe) and runs the main job
+#   make test   creates .venv and runs the default test pass (make test-full: the larger matrices too)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-full bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(PY) -m megamoe.parallel --world-size 16 --tensor-model-parallel-size 2 --context-parallel-size 2 \
+		--pipeline-model-parallel-size 2 --expert-model-parallel-size 4 --expert-tensor-parallel-size 1
+
+test: setup
+	$(PY) -m pytest
+
+test-full: setup
+	$(PY) -m pytest --full
+
+bench: setup
+	$(PY) bench/gloo_pool_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
