@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
-import socket
 import sys
 import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
+
+from megamoe.parallel.world import free_port
 
 # Once one rank has failed, how long the others get to finish before the pool counts as hung.
 FAILURE_GRACE_S = 5.0
@@ -56,12 +57,6 @@ def _worker(rank: int, world_size: int, port: int, conn: Connection) -> None:
             conn.send(("error", traceback.format_exc()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class GlooPool:
     """`world_size` gloo ranks, started on first use and kept warm."""
 
@@ -74,7 +69,7 @@ class GlooPool:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         for rank in range(self.world_size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(rank, self.world_size, port, child), daemon=True,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -59,7 +59,12 @@ class Pending:
             self.work = None
 
 
-def _finish(group: AxisGroup, op: str, work, async_op: bool) -> Pending | None:
+def _launch(group: AxisGroup, op: str, payload_bytes: int, wire_bytes: int, async_op: bool,
+            call: Callable[[], object]) -> Pending | None:
+    """Record the call, run it with named failures, and wait for it unless async_op."""
+    group.ledger.record(group.axis, op, payload_bytes, wire_bytes)
+    with _named_failure(group, op):
+        work = call()
     pending = Pending(group, op, work)
     if async_op:
         return pending
@@ -73,10 +78,8 @@ def all_reduce(tensor: torch.Tensor, group: AxisGroup, op=ReduceOp.SUM, async_op
     if n == 1:
         return Pending(group, "all_reduce") if async_op else None
     s = _nbytes(tensor)
-    group.ledger.record(group.axis, "all_reduce", s, 2 * (n - 1) * s // n)
-    with _named_failure(group, "all_reduce"):
-        work = dist.all_reduce(tensor, op=op, group=group.process_group, async_op=async_op)
-    return _finish(group, "all_reduce", work, async_op)
+    return _launch(group, "all_reduce", s, 2 * (n - 1) * s // n, async_op,
+                   lambda: dist.all_reduce(tensor, op=op, group=group.process_group, async_op=async_op))
 
 
 def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: AxisGroup,
@@ -90,10 +93,9 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: Axi
         output.copy_(input.view_as(output))
         return Pending(group, "all_gather") if async_op else None
     s = _nbytes(input)
-    group.ledger.record(group.axis, "all_gather", s, (n - 1) * s)
-    with _named_failure(group, "all_gather"):
-        work = dist.all_gather_into_tensor(output, input.contiguous(), group=group.process_group, async_op=async_op)
-    return _finish(group, "all_gather", work, async_op)
+    return _launch(group, "all_gather", s, (n - 1) * s, async_op,
+                   lambda: dist.all_gather_into_tensor(output, input.contiguous(), group=group.process_group,
+                                                       async_op=async_op))
 
 
 def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group: AxisGroup, op=ReduceOp.SUM,
@@ -107,11 +109,9 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group: Axis
         output.copy_(input.view_as(output))
         return Pending(group, "reduce_scatter") if async_op else None
     s = _nbytes(input)
-    group.ledger.record(group.axis, "reduce_scatter", s, (n - 1) * s // n)
-    with _named_failure(group, "reduce_scatter"):
-        work = dist.reduce_scatter_tensor(output, input.contiguous(), op=op, group=group.process_group,
-                                          async_op=async_op)
-    return _finish(group, "reduce_scatter", work, async_op)
+    return _launch(group, "reduce_scatter", s, (n - 1) * s // n, async_op,
+                   lambda: dist.reduce_scatter_tensor(output, input.contiguous(), op=op, group=group.process_group,
+                                                      async_op=async_op))
 
 
 def all_to_all_single(output: torch.Tensor, input: torch.Tensor, group: AxisGroup,
@@ -135,9 +135,9 @@ def all_to_all_single(output: torch.Tensor, input: torch.Tensor, group: AxisGrou
     s = _nbytes(input)
     row_bytes = s // max(input.shape[0], 1)
     kept = (in_splits[group.index] if in_splits is not None else input.shape[0] // n) * row_bytes
-    group.ledger.record(group.axis, "all_to_all", s, s - kept)
-    with _named_failure(group, "all_to_all"):
-        dist.all_to_all_single(output, input.contiguous(), out_splits, in_splits, group=group.process_group)
+    _launch(group, "all_to_all", s, s - kept, False,
+            lambda: dist.all_to_all_single(output, input.contiguous(), out_splits, in_splits,
+                                           group=group.process_group))
 
 
 def broadcast(tensor: torch.Tensor, group: AxisGroup, src_index: int = 0) -> None:
@@ -145,18 +145,15 @@ def broadcast(tensor: torch.Tensor, group: AxisGroup, src_index: int = 0) -> Non
     if group.size == 1:
         return
     s = _nbytes(tensor)
-    group.ledger.record(group.axis, "broadcast", s, s if group.index == src_index else 0)
-    with _named_failure(group, "broadcast"):
-        dist.broadcast(tensor, src=group.global_rank(src_index), group=group.process_group)
+    _launch(group, "broadcast", s, s if group.index == src_index else 0, False,
+            lambda: dist.broadcast(tensor, src=group.global_rank(src_index), group=group.process_group))
 
 
 def barrier(group: AxisGroup) -> None:
     """Wait until every member arrives."""
     if group.size == 1:
         return
-    group.ledger.record(group.axis, "barrier", 0, 0)
-    with _named_failure(group, "barrier"):
-        dist.barrier(group=group.process_group)
+    _launch(group, "barrier", 0, 0, False, lambda: dist.barrier(group=group.process_group))
 
 
 def send_recv(group: AxisGroup, sends: Sequence[tuple[torch.Tensor, int]] = (),

@@ -41,7 +41,8 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for single-process runs and local test worlds)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -58,7 +59,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 20000 + int(env.get("SLURM_JOB_ID", 0)) % 10000
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                          env.get("MASTER_ADDR") or first_host(nodelist), port, "slurm")
-    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def default_backend() -> str:
