@@ -1,0 +1,26 @@
+"""The layout check under a real torchrun launch: init_distributed, ParallelMesh and comm on separate processes."""
+
+import os
+import subprocess
+import sys
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_layout_check_passes_under_torchrun():
+    proc = subprocess.run([*TORCHRUN, "--nproc-per-node", "4", "-m", "megamoe.parallel.check", "--tp", "2",
+                           "--ep", "4", "--etp", "1"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layout check passed: 4 ranks, backend gloo, device cpu" in proc.stdout
+    assert "tp_ep_pp" in proc.stdout and "all_reduce" in proc.stdout
+
+
+def test_invalid_layout_fails_on_every_rank_without_collectives():
+    proc = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "megamoe.parallel.check", "--tp", "2",
+                           "--ep", "2", "--expert-tensor-parallel-size", "2"],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: error: invalid parallel layout" in proc.stderr
+    assert "--expert-model-parallel-size" in proc.stderr
