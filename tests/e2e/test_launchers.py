@@ -1,8 +1,12 @@
-"""The layout check under a real torchrun launch: init_distributed, ParallelMesh and comm on separate processes."""
+"""The layout check under real launches (torchrun; srun when a SLURM is up): init_distributed, ParallelMesh and
+comm on separate processes."""
 
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -24,3 +28,18 @@ def test_invalid_layout_fails_on_every_rank_without_collectives():
     for rank in (0, 1):
         assert f"rank {rank}: error: invalid parallel layout" in proc.stderr
     assert "--expert-model-parallel-size" in proc.stderr
+
+
+def _slurm_is_up():
+    if shutil.which("srun") is None or shutil.which("sinfo") is None:
+        return False
+    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    return probe.returncode == 0 and "idle" in probe.stdout
+
+
+@pytest.mark.skipif(not _slurm_is_up(), reason="no idle SLURM node (shared/tools/slurm-local.sh up starts one)")
+def test_layout_check_passes_under_srun():
+    proc = subprocess.run(["srun", "-n", "4", sys.executable, "-m", "megamoe.parallel.check", "--tp", "2", "--ep", "2"],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layout check passed: 4 ranks, backend gloo, device cpu" in proc.stdout
