@@ -36,6 +36,8 @@ class ParallelMesh:
     mesh["pos_embd"] are None on ranks that hold no embedding. Each distinct set of ranks gets one torch process
     group however many kinds share it; groups of one rank get none.
 
+    A mesh of one rank may be built without torch.distributed (single-process tools and tests).
+
     Args:
         config: validated sizes; its world_size must equal the launched world size.
         backend: backend of the sub-groups; default: the world's backend.
@@ -46,17 +48,19 @@ class ParallelMesh:
 
     def __init__(self, config: ParallelConfig, *, backend: str | None = None, device: torch.device | None = None,
                  timeout: timedelta = DEFAULT_TIMEOUT, ledger: CommLedger | None = None) -> None:
-        if not dist.is_initialized():
+        initialized = dist.is_initialized()
+        if not initialized and config.world_size != 1:
             raise RuntimeError("ParallelMesh needs an initialized torch.distributed world: call "
-                               "megamoe.parallel.init_distributed() first (under torchrun or srun)")
-        if dist.get_world_size() != config.world_size:
+                               "megamoe.parallel.world.init_distributed() first (under torchrun or srun)")
+        if initialized and dist.get_world_size() != config.world_size:
             raise ValueError(f"the parallel config was made for {config.world_size} ranks but "
                              f"{dist.get_world_size()} were launched; build ParallelConfig with "
                              f"world_size=torch.distributed.get_world_size()")
         self.config = config
         self.layout = RankLayout.from_config(config)
-        self.rank = dist.get_rank()
-        self.backend = backend or dist.get_backend()
+        # A one-rank mesh needs no torch.distributed at all: every group is this rank alone.
+        self.rank = dist.get_rank() if initialized else 0
+        self.backend = backend or (dist.get_backend() if initialized else "gloo")
         self.device = device if device is not None else default_device(self.backend)
         self.timeout = timeout
         self.ledger = ledger if ledger is not None else CommLedger()
@@ -64,7 +68,7 @@ class ParallelMesh:
         self._groups = self._create_groups()
         world_pg = dist.group.WORLD if config.world_size > 1 else None
         self.world = AxisGroup("world", tuple(range(config.world_size)), self.rank, world_pg,
-                               world_pg if dist.get_backend() == "gloo" else None, self.ledger, timeout)
+                               world_pg if self.backend == "gloo" else None, self.ledger, timeout)
 
     def _create_groups(self) -> dict[str, AxisGroup | None]:
         # torch requires every rank to call new_group for every group, in the same order: iterate over the layout

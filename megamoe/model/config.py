@@ -1,0 +1,137 @@
+"""ModelConfig: the shape of a GPT model, with Megatron-LM's names, defaults and validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megamoe.moe.config import MoEConfig
+from megamoe.parallel.config import ParallelConfig
+
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A GPT model. Each field is the Megatron-LM flag of the same name (dashes for underscores).
+
+    Derived defaults (as Megatron-LM): ffn_hidden_size 4h (SwiGLU: 8h/3 rounded down to a multiple of 64),
+    num_query_groups = num_attention_heads (no GQA), kv_channels = hidden / heads, max_position_embeddings =
+    seq_length. `moe` makes some MLPs Mixture-of-Experts layers.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    seq_length: int = 1024
+    ffn_hidden_size: int | None = None
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    max_position_embeddings: int | None = None
+    make_vocab_size_divisible_by: int = 128
+    normalization: str = "LayerNorm"
+    norm_epsilon: float = 1e-5
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    swiglu: bool = False
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    moe: MoEConfig | None = None
+
+    def __post_init__(self) -> None:
+        h, heads = self.hidden_size, self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            object.__setattr__(self, "ffn_hidden_size", int(8 * h / 3 / 64) * 64 if self.swiglu else 4 * h)
+        if self.num_query_groups is None:
+            object.__setattr__(self, "num_query_groups", heads)
+        if self.kv_channels is None and heads > 0 and h % heads == 0:
+            object.__setattr__(self, "kv_channels", h // heads)
+        if self.max_position_embeddings is None:
+            object.__setattr__(self, "max_position_embeddings", self.seq_length)
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid model config:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every reason the model itself is impossible, each naming the flags."""
+        out = []
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
+                     "ffn_hidden_size", "num_query_groups", "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if out:
+            return out
+        if self.kv_channels is None:
+            out.append(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                       f"{self.num_attention_heads}; set --kv-channels explicitly or change one of them")
+        elif self.kv_channels < 1:
+            out.append(f"--kv-channels must be >= 1, got {self.kv_channels}")
+        if self.num_attention_heads % self.num_query_groups:
+            out.append(f"--num-attention-heads {self.num_attention_heads} must be a multiple of --num-query-groups "
+                       f"{self.num_query_groups} (each query group shares one key/value head)")
+        if self.normalization not in NORMALIZATIONS:
+            out.append(f"--normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.position_embedding_type not in POSITION_EMBEDDINGS:
+            out.append(f"--position-embedding-type must be one of {POSITION_EMBEDDINGS}, "
+                       f"got {self.position_embedding_type!r}")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            out.append(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+        elif self.position_embedding_type == "rope" and self.kv_channels and self.rotary_dim % 2:
+            out.append(f"rotary dimension kv_channels x rotary_percent = {self.rotary_dim} must be even; "
+                       f"change --kv-channels or --rotary-percent")
+        if self.max_position_embeddings < self.seq_length and self.position_embedding_type == "learned_absolute":
+            out.append(f"--max-position-embeddings {self.max_position_embeddings} is smaller than --seq-length "
+                       f"{self.seq_length}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                out.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.init_method_std <= 0:
+            out.append(f"--init-method-std must be > 0, got {self.init_method_std}")
+        return out
+
+    def layout_problems(self, parallel: ParallelConfig) -> list[str]:
+        """Reasons this model cannot run under `parallel`, each naming the flags; checked before any collective."""
+        tp, out = parallel.tp, []
+        for name, value in (("num_attention_heads", self.num_attention_heads),
+                            ("num_query_groups", self.num_query_groups), ("ffn_hidden_size", self.ffn_hidden_size)):
+            if value % tp:
+                out.append(f"--{name.replace('_', '-')} {value} is not divisible by --tensor-model-parallel-size {tp}")
+        if parallel.sequence_parallel and self.seq_length % tp:
+            out.append(f"--seq-length {self.seq_length} is not divisible by --tensor-model-parallel-size {tp}, "
+                       f"which --sequence-parallel needs")
+        if parallel.cp > 1:
+            out.append("--context-parallel-size > 1 is not supported by the model yet; use 1")
+        return out
+
+    def check_layout(self, parallel: ParallelConfig) -> None:
+        """Raise ValueError listing every layout problem (see layout_problems)."""
+        problems = self.layout_problems(parallel)
+        if problems:
+            raise ValueError("model does not fit the parallel layout:\n  - " + "\n  - ".join(problems))
+
+    # Derived sizes --------------------------------------------------------------------------------------------
+    def padded_vocab_size(self, tp: int) -> int:
+        """Megatron's rule: the vocabulary rounded up to a multiple of make_vocab_size_divisible_by x tp."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.kv_channels * self.rotary_percent)
+
+    @property
+    def query_projection_size(self) -> int:
+        return self.kv_channels * self.num_attention_heads
+
+    @property
+    def kv_projection_size(self) -> int:
+        return self.kv_channels * self.num_query_groups
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and self.moe.is_moe_layer(layer, self.num_layers)
