@@ -55,6 +55,20 @@ class Norm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
+class PositionEmbedding(nn.Module):
+    """Learned absolute positions. Replicated over tp; under SP each rank adds only its sequence shard's rows, so
+    the weight's gradient is partial per rank (marked sequence_parallel)."""
+
+    def __init__(self, config: ModelConfig, sequence_parallel: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = new_param(ParamSpec((config.max_position_embeddings, config.hidden_size),
+                                          std=config.init_method_std, sequence_parallel=sequence_parallel),
+                                device, dtype)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(positions, self.weight)
+
+
 def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [s, b, 1, rotary_dim] for positions [b, s] (Megatron's non-interleaved layout: the frequencies
     repeat across the two halves of the rotated dims)."""
@@ -239,10 +253,7 @@ class GPTModel(nn.Module):
                                                                     std=config.init_method_std, device=device,
                                                                     dtype=dtype)
             if config.position_embedding_type == "learned_absolute":
-                # Replicated; under SP each rank adds its sequence shard, so the gradient is partial per rank.
-                self.embedding.position_embeddings = new_param(
-                    ParamSpec((config.max_position_embeddings, h), std=config.init_method_std, sequence_parallel=sp),
-                    device, dtype)
+                self.embedding.position_embeddings = PositionEmbedding(config, sp, device, dtype)
         self.decoder = TransformerBlock(config, mesh, layer_numbers, self.post_process, build_mlp, device, dtype)
         if self.post_process:
             # Tied on one stage: the forward passes the word embedding as the weight.
@@ -254,6 +265,12 @@ class GPTModel(nn.Module):
                 # embedding group keeps the two in sync by summing their gradients.
                 weight = self.output_layer.weight
                 weight.spec = dataclasses.replace(weight.spec, init_key="embedding.word_embeddings.weight")
+        # Vocabulary rows past the real vocabulary are padding (Megatron pads to 128 x tp): they start at zero, and
+        # the loss ignores their logits, so every tp trains the same model.
+        for table in (self.embedding.word_embeddings.weight if self.pre_process else None,
+                      self.output_layer.weight if self.post_process else None):
+            if table is not None:
+                table.spec = dataclasses.replace(table.spec, valid_rows=config.vocab_size)
         initialize_parameters(self, seed)
 
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -291,7 +308,7 @@ class GPTModel(nn.Module):
             x = self.embedding.word_embeddings(input_ids)                  # [s(/tp), b, h]
             if c.position_embedding_type == "learned_absolute":
                 positions = position_ids.t()[s_offset - dropout_ctx.seq_offset:][:s_local]
-                x = x + F.embedding(positions, self.embedding.position_embeddings)
+                x = x + self.embedding.position_embeddings(positions)
             x = dropout(x, c.hidden_dropout, self.training, dropout_ctx, EMBEDDING_SITE, hidden_coords)
         else:
             x = hidden_states
@@ -306,4 +323,4 @@ class GPTModel(nn.Module):
         logits = self.output_layer(x, weight=weight)                      # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1)
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group).t()
+        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, c.vocab_size).t()

@@ -33,6 +33,9 @@ class ParamSpec:
             takes the word embedding's); None means the parameter's own name.
         sequence_parallel: replicated across tp ranks that each see a different sequence shard, so its gradient is
             partial per rank and must be summed over tp (norm weights, row-parallel biases under SP).
+        valid_rows: only the first `valid_rows` rows (dim 0) are drawn; the rest are padding and start at zero.
+            The vocabulary is padded to a multiple of 128 x tp (Megatron's rule), so the padded size depends on
+            the layout; drawing only the real rows keeps every real row's values layout-independent.
     """
 
     global_shape: tuple[int, ...]
@@ -44,6 +47,7 @@ class ParamSpec:
     std: float = 0.02
     init_key: str | None = None
     sequence_parallel: bool = False
+    valid_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.init not in ("normal", "zeros", "ones"):
@@ -59,6 +63,15 @@ class ParamSpec:
         shape = list(self.global_shape)
         shape[self.shard_dim] //= self.shard_count
         return tuple(shape)
+
+    def place_local(self, full: torch.Tensor, local: torch.Tensor) -> None:
+        """Write this rank's piece `local` into its place in the whole tensor `full` (the inverse of take_local)."""
+        if self.shard_dim is None:
+            full.copy_(local)
+            return
+        for block, piece in zip(full.chunk(self.chunks, dim=self.shard_dim),
+                                local.chunk(self.chunks, dim=self.shard_dim)):
+            block.chunk(self.shard_count, dim=self.shard_dim)[self.shard_index].copy_(piece)
 
     def take_local(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's piece of the whole tensor `full`."""
@@ -90,7 +103,10 @@ def global_init_tensor(spec: ParamSpec, seed: int, name: str) -> torch.Tensor:
     if spec.init == "ones":
         return torch.ones(spec.global_shape)
     generator = torch.Generator().manual_seed(name_seed(seed, spec.init_key or name))
-    return torch.empty(spec.global_shape).normal_(0.0, spec.std, generator=generator)
+    rows = spec.global_shape[0] if spec.valid_rows is None else spec.valid_rows
+    drawn = torch.empty((rows,) + spec.global_shape[1:]).normal_(0.0, spec.std, generator=generator)
+    padding = torch.zeros((spec.global_shape[0] - rows,) + spec.global_shape[1:])
+    return torch.cat([drawn, padding]) if padding.numel() else drawn
 
 
 @torch.no_grad()
