@@ -3,6 +3,7 @@
 import torch
 import torch.distributed as dist
 
+from megamoe.model.accounting import local_parameter_count
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel.config import ParallelConfig
@@ -51,4 +52,5 @@ def run_model(model_kwargs: dict, sequence_parallel: bool = False, training: boo
         "params": initial,
         "grads": {n: p.grad for n, p in model.named_parameters()},
         "specs": {n: p.spec for n, p in model.named_parameters()},
+        "count": local_parameter_count(model),
     }

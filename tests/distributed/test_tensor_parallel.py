@@ -1,0 +1,150 @@
+"""Tensor and sequence parallelism reproduce the single-process model: initial values bitwise, logits, loss and
+every gradient to 1e-5, dropout masks included; and vocab-parallel cross entropy equals torch's."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megamoe.model.accounting import parameter_counts
+from megamoe.parallel.group import AxisGroup
+from megamoe.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from tests.model_cases import VARIANTS, make_config, run_model
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assemble(per_rank: list[dict], name: str, kind: str) -> torch.Tensor:
+    """The whole tensor from every tp rank's piece. Replicated pieces must agree, except sequence-parallel
+    gradients, which are partial per rank and summed (what finalize-grads does over tp)."""
+    specs = [r["specs"][name] for r in per_rank]
+    pieces = [r[kind][name] for r in per_rank]
+    spec = specs[0]
+    if spec.shard_dim is None:
+        if kind == "grads" and spec.sequence_parallel:
+            return sum(pieces)
+        for piece in pieces[1:]:
+            assert torch.allclose(piece, pieces[0], rtol=1e-6, atol=1e-7), f"{name} differs across tp ranks"
+        return pieces[0]
+    full = torch.empty(spec.global_shape)
+    for s, piece in zip(specs, pieces):
+        s.place_local(full, piece)
+    return full
+
+
+def check_against_tp1(variant_kwargs: dict, per_rank: list[dict], training: bool = False):
+    reference = run_model(variant_kwargs, training=training)
+    cfg = make_config(**variant_kwargs)
+    v = cfg.vocab_size
+    logits = torch.cat([r["logits"] for r in per_rank], dim=-1)
+    assert rel(logits[..., :v], reference["logits"][..., :v]) < 1e-5
+    assert rel(per_rank[0]["loss"], reference["loss"]) < 1e-5
+    for r in per_rank[1:]:
+        assert torch.allclose(r["loss"], per_rank[0]["loss"], rtol=1e-6)
+    # Per-rank counts add up to the closed-form total once replicated parameters are counted once.
+    tp = len(per_rank)
+    replicated = sum(math.prod(s.global_shape) for s in per_rank[0]["specs"].values() if s.shard_dim is None)
+    assert sum(r["count"] for r in per_rank) - (tp - 1) * replicated == parameter_counts(cfg, tp).total
+    for name, ref_param in reference["params"].items():
+        rows = v if name in ("embedding.word_embeddings.weight", "output_layer.weight") else None
+        full = assemble(per_rank, name, "params")
+        # Initial values: bitwise the single-process tensor (real vocabulary rows; padding rows are zero).
+        assert torch.equal(full[:rows], ref_param[:rows]), f"initial {name}"
+        assert torch.all(full[rows:] == 0) if rows else True
+        grad = assemble(per_rank, name, "grads")
+        assert rel(grad[:rows], reference["grads"][name][:rows]) < 1e-5, f"grad {name}"
+
+
+def _tp_body(variant_kwargs, sequence_parallel, training=False):
+    return run_model(variant_kwargs, sequence_parallel=sequence_parallel, training=training)
+
+
+def _valid(variant_kwargs, tp):
+    cfg = make_config(**variant_kwargs)
+    return cfg.num_query_groups % tp == 0
+
+
+DEFAULT_CASES = [(name, tp, sp) for name, tp, sp in itertools.product(("mixtral", "gpt", "gqa2", "nopos"), (2, 4),
+                                                                      (False, True))
+                 if _valid(VARIANTS[name], tp)]
+
+
+@pytest.mark.parametrize("variant, tp, sp", DEFAULT_CASES)
+def test_tensor_parallel_equals_single_process(dist_run, variant, tp, sp):
+    check_against_tp1(VARIANTS[variant], dist_run(tp, _tp_body, VARIANTS[variant], sp))
+
+
+FULL_AXES = dict(num_query_groups=(1, 2, 8), untie_embeddings_and_output_weights=(False, True),
+                 position_embedding_type=("rope", "learned_absolute"), normalization=("RMSNorm", "LayerNorm"),
+                 swiglu=(False, True))
+FULL_CASES = [(dict(zip(FULL_AXES, values)), tp, sp)
+              for values in itertools.product(*FULL_AXES.values()) for tp in (2, 4) for sp in (False, True)]
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("kwargs, tp, sp", [c for c in FULL_CASES if _valid(c[0], c[1])])
+def test_tensor_parallel_matrix(dist_run, kwargs, tp, sp):
+    check_against_tp1(kwargs, dist_run(tp, _tp_body, kwargs, sp))
+
+
+def test_dropout_masks_are_layout_invariant(dist_run):
+    # With dropout on in training, tp=2 + SP draws exactly the single-process masks: attention probabilities
+    # (sharded by head), hidden states (sharded by sequence) and the embedding output all match, so the loss and
+    # every gradient equal the tp=1 run. Any mask drawn per rank would change them far beyond round-off.
+    kwargs = dict(VARIANTS["mixtral"], hidden_dropout=0.3, attention_dropout=0.3)
+    per_rank = dist_run(2, _tp_body, kwargs, True, True)
+    check_against_tp1(kwargs, per_rank, training=True)
+    assert not torch.allclose(per_rank[0]["loss"], run_model(kwargs, training=False)["loss"])
+
+
+def _cross_entropy_body(vocab, padded, seed):
+    group = AxisGroup.world()
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, 3, padded, generator=g) * 3
+    target = torch.randint(0, vocab, (5, 3), generator=g)
+    upstream = torch.rand(5, 3, generator=g)
+    per = padded // group.size
+    local = logits[..., group.index * per:(group.index + 1) * per].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, group, vocab_size=vocab)
+    (loss * upstream).sum().backward()
+    return loss.detach(), local.grad
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_vocab_parallel_cross_entropy_equals_torch(dist_run, tp):
+    vocab, padded, seed = 11, 12, 3  # 11 real ids, padded to 12 so that tp = 4 splits evenly
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(5, 3, padded, generator=g) * 3).requires_grad_()
+    target = torch.randint(0, vocab, (5, 3), generator=g)
+    upstream = torch.rand(5, 3, generator=g)
+    expected = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab), target.reshape(-1), reduction="none")
+    (expected.view(5, 3) * upstream).sum().backward()
+    results = dist_run(tp, _cross_entropy_body, vocab, padded, seed)
+    for loss, _ in results:
+        assert rel(loss, expected.detach().view(5, 3)) < 1e-6
+    grad = torch.cat([g for _, g in results], dim=-1)
+    assert rel(grad, logits.grad) < 1e-6
+    assert torch.all(grad[..., vocab:] == 0)
+
+
+def _bad_layout_body():
+    from megamoe.model.gpt import GPTModel
+    from megamoe.parallel.config import ParallelConfig
+    from megamoe.parallel.mesh import ParallelMesh
+
+    mesh = ParallelMesh(ParallelConfig(world_size=dist.get_world_size(), tp=dist.get_world_size()))
+    try:
+        GPTModel(make_config(num_attention_heads=6, num_query_groups=3, hidden_size=36), mesh)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_model_that_does_not_fit_tp_fails_on_every_rank(dist_run):
+    for message in dist_run(2, _bad_layout_body):
+        assert "--num-query-groups 3 is not divisible by --tensor-model-parallel-size 2" in message

@@ -1,0 +1,63 @@
+"""ModelConfig: Megatron's defaults and padding rule, and errors naming the flags."""
+
+import pytest
+
+from megamoe.model.config import ModelConfig
+from megamoe.moe.config import MoEConfig
+from megamoe.parallel.config import ParallelConfig
+
+
+def cfg(**kw):
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=1000, seq_length=16)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_megatron_defaults():
+    c = cfg()
+    assert (c.ffn_hidden_size, c.num_query_groups, c.kv_channels, c.max_position_embeddings) == (256, 8, 8, 16)
+    assert cfg(swiglu=True, hidden_size=4096, num_attention_heads=32).ffn_hidden_size == 10880  # 8h/3 to 64
+    assert c.padded_vocab_size(1) == 1024 and c.padded_vocab_size(4) == 1024 and c.padded_vocab_size(16) == 2048
+    assert cfg(vocab_size=50257).padded_vocab_size(1) == 50304
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(hidden_size=60), "--hidden-size 60 is not divisible by --num-attention-heads 8; set --kv-channels"),
+    (dict(num_query_groups=3), "--num-attention-heads 8 must be a multiple of --num-query-groups 3"),
+    (dict(rotary_percent=1.5, position_embedding_type="rope"), "--rotary-percent must be in (0, 1]"),
+    (dict(rotary_percent=0.0), "--rotary-percent must be in (0, 1]"),
+    (dict(kv_channels=5, position_embedding_type="rope"), "rotary dimension kv_channels x rotary_percent = 5"),
+    (dict(normalization="BatchNorm"), "--normalization must be one of"),
+    (dict(position_embedding_type="alibi"), "--position-embedding-type must be one of"),
+    (dict(max_position_embeddings=8), "--max-position-embeddings 8 is smaller than --seq-length 16"),
+    (dict(hidden_dropout=1.0), "--hidden-dropout must be in [0, 1)"),
+    (dict(num_layers=0), "--num-layers must be >= 1"),
+])
+def test_invalid_models(kwargs, needle):
+    with pytest.raises(ValueError) as info:
+        cfg(**kwargs)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("model, parallel, needle", [
+    (dict(num_attention_heads=6, hidden_size=48), dict(world_size=4, tp=4),
+     "--num-attention-heads 6 is not divisible by --tensor-model-parallel-size 4"),
+    (dict(num_query_groups=2), dict(world_size=4, tp=4),
+     "--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4"),
+    (dict(ffn_hidden_size=100), dict(world_size=8, tp=8), "--ffn-hidden-size 100 is not divisible"),
+    (dict(seq_length=18), dict(world_size=4, tp=4, sequence_parallel=True),
+     "--seq-length 18 is not divisible by --tensor-model-parallel-size 4, which --sequence-parallel needs"),
+    (dict(), dict(world_size=2, cp=2), "--context-parallel-size > 1 is not supported"),
+])
+def test_layout_problems(model, parallel, needle):
+    with pytest.raises(ValueError) as info:
+        cfg(**model).check_layout(ParallelConfig(**parallel))
+    assert needle in str(info.value)
+
+
+def test_moe_layer_pattern():
+    assert [cfg(num_layers=4, moe=MoEConfig(num_experts=4, layer_freq=2)).is_moe_layer(i) for i in range(4)] == \
+        [True, False, True, False]
+    assert [cfg(num_layers=4, moe=MoEConfig(num_experts=4, layer_freq=[0, 1, 1, 1])).is_moe_layer(i)
+            for i in range(4)] == [False, True, True, True]
+    with pytest.raises(ValueError, match="--moe-router-topk=3 must be between 1 and --num-experts=2"):
+        MoEConfig(num_experts=2, router_topk=3)
