@@ -93,6 +93,8 @@ class ModelConfig:
                 out.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
         if self.init_method_std <= 0:
             out.append(f"--init-method-std must be > 0, got {self.init_method_std}")
+        if self.moe is not None and self.add_bias_linear:
+            out.append("experts have no biases: MoE models need --disable-bias-linear")
         return out
 
     def layout_problems(self, parallel: ParallelConfig) -> list[str]:
@@ -107,6 +109,22 @@ class ModelConfig:
                        f"which --sequence-parallel needs")
         if parallel.cp > 1:
             out.append("--context-parallel-size > 1 is not supported by the model yet; use 1")
+        if self.moe is not None:
+            moe, etp = self.moe, parallel.etp
+            if moe.num_experts % parallel.ep:
+                out.append(f"--num-experts {moe.num_experts} is not divisible by --expert-model-parallel-size "
+                           f"{parallel.ep}")
+            expert_ffn = moe.ffn_hidden_size or self.ffn_hidden_size
+            if expert_ffn % etp:
+                out.append(f"expert hidden size {expert_ffn} (--moe-ffn-hidden-size) is not divisible by "
+                           f"--expert-tensor-parallel-size {etp}")
+            if tp > 1 and not parallel.sequence_parallel:
+                out.append("MoE layers with --tensor-model-parallel-size > 1 need --sequence-parallel (each tp "
+                           "rank must hold different tokens), as in Megatron-LM")
+            shared = moe.shared_expert_intermediate_size
+            if shared and shared % tp:
+                out.append(f"--moe-shared-expert-intermediate-size {shared} is not divisible by "
+                           f"--tensor-model-parallel-size {tp}")
         return out
 
     def check_layout(self, parallel: ParallelConfig) -> None:

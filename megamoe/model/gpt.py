@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.config import ModelConfig
+from megamoe.model.mlp import MLP
+from megamoe.moe.layer import MoELayer
 from megamoe.parallel.group import AxisGroup
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -147,42 +149,14 @@ class SelfAttention(nn.Module):
         return probs @ v
 
 
-class MLP(nn.Module):
-    """fc1 (column-parallel) -> GELU or SwiGLU -> fc2 (row-parallel). For SwiGLU fc1 holds [gate; up], each half
-    split over tp, so every rank has the gate and up rows of the same hidden units."""
-
-    def __init__(self, config: ModelConfig, tp_group: AxisGroup, sequence_parallel: bool, ffn_hidden_size: int,
-                 device=None, dtype=None) -> None:
-        super().__init__()
-        c, self.swiglu = config, config.swiglu
-        fc1_out = 2 * ffn_hidden_size if self.swiglu else ffn_hidden_size
-        self.linear_fc1 = ColumnParallelLinear(c.hidden_size, fc1_out, tp_group, sequence_parallel=sequence_parallel,
-                                               bias=c.add_bias_linear, std=c.init_method_std,
-                                               chunks=2 if self.swiglu else 1, device=device, dtype=dtype)
-        self.linear_fc2 = RowParallelLinear(ffn_hidden_size, c.hidden_size, tp_group,
-                                            sequence_parallel=sequence_parallel, bias=c.add_bias_linear,
-                                            std=c.init_method_std / math.sqrt(2 * c.num_layers),
-                                            device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear_fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.linear_fc2(h)
-
-
 # build_mlp(config, mesh, layer_number, device, dtype) -> module mapping [s, b, h] to [s, b, h]
 MLPBuilder = Callable[[ModelConfig, ParallelMesh, int, torch.device | None, torch.dtype | None], nn.Module]
 
 
-def build_dense_mlp(config: ModelConfig, mesh: ParallelMesh, layer_number: int, device=None, dtype=None) -> nn.Module:
-    """The default MLP slot: a dense MLP; MoE layers need the MoE builder."""
+def build_mlp(config: ModelConfig, mesh: ParallelMesh, layer_number: int, device=None, dtype=None) -> nn.Module:
+    """The default MLP slot: an MoE layer where config.moe says so (--num-experts, --moe-layer-freq), else dense."""
     if config.is_moe_layer(layer_number):
-        raise ValueError(f"layer {layer_number} is an MoE layer (--num-experts, --moe-layer-freq): build the model "
-                         f"with an MoE mlp builder")
+        return MoELayer(config, mesh, layer_number, device, dtype)
     return MLP(config, mesh["tp"], mesh.config.sequence_parallel, config.ffn_hidden_size, device, dtype)
 
 
@@ -229,12 +203,12 @@ class GPTModel(nn.Module):
         layer_numbers: the global layers this stage holds (default: all).
         pre_process: holds the embedding (default: layer 0 is here).
         post_process: holds the final norm and output layer (default: the last layer is here).
-        build_mlp: what fills each layer's MLP slot (default: a dense MLP).
+        build_mlp: what fills each layer's MLP slot (default: dense MLP or MoE layer per config.moe).
     """
 
     def __init__(self, config: ModelConfig, mesh: ParallelMesh, *, seed: int = 1234,
                  layer_numbers: range | None = None, pre_process: bool | None = None,
-                 post_process: bool | None = None, build_mlp: MLPBuilder = build_dense_mlp,
+                 post_process: bool | None = None, build_mlp: MLPBuilder = build_mlp,
                  device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         config.check_layout(mesh.config)

@@ -1,11 +1,15 @@
-"""MoEConfig: which layers are Mixture-of-Experts layers and the size of their experts (Megatron-LM's --moe-* flags).
-
-The router, capacity and dispatcher options join this config with the MoE layer itself.
-"""
+"""MoEConfig: Mixture-of-Experts options, named after Megatron-LM's --moe-* flags, validated where defined."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
+DROP_POLICIES = ("probs", "position")
+DISPATCHERS = ("allgather", "alltoall")
+ROUTER_DTYPES = (None, "fp32", "fp64")
 
 
 @dataclass(frozen=True)
@@ -13,36 +17,111 @@ class MoEConfig:
     """Attributes (Megatron-LM flag in brackets):
         num_experts: experts per MoE layer [--num-experts].
         router_topk: experts each token is sent to [--moe-router-topk].
-        ffn_hidden_size: hidden size of one expert; None means the model's ffn_hidden_size [--moe-ffn-hidden-size].
-        shared_expert_intermediate_size: total hidden size of the shared experts, None for none
-            [--moe-shared-expert-intermediate-size].
-        layer_freq: which layers are MoE: an int k means every k-th layer (layers 0, k, 2k, ...), a list of 0/1 per
-            layer gives the pattern [--moe-layer-freq].
+        ffn_hidden_size: hidden size of one expert; None: the model's ffn_hidden_size [--moe-ffn-hidden-size].
+        shared_expert_intermediate_size: total hidden size of the shared experts; None: none
+            [--moe-shared-expert-intermediate-size]; shared_expert_gate: scale them by a learned sigmoid gate.
+        layer_freq: an int k means layers 0, k, 2k, ... are MoE; a 0/1 list gives the pattern [--moe-layer-freq].
+        router_score_function: softmax or sigmoid [--moe-router-score-function].
+        router_pre_softmax: softmax over all experts before top-k (else top-k logits, then softmax over them)
+            [--moe-router-pre-softmax].
+        router_topk_scaling_factor: multiply the routing weights [--moe-router-topk-scaling-factor].
+        router_num_groups, router_group_topk: group-limited routing: experts form num_groups groups, a token may
+            use experts of its group_topk best groups only [--moe-router-num-groups, --moe-router-group-topk].
+        router_dtype: fp32 or fp64 routing maths; None: the activations' dtype [--moe-router-dtype].
+        load_balancing_type: aux losses, combinable (a tuple) [--moe-router-load-balancing-type].
+        aux_loss_coeff: one coefficient, or one per load_balancing_type entry [--moe-aux-loss-coeff].
+        z_loss_coeff: router z-loss coefficient [--moe-z-loss-coeff].
+        expert_capacity_factor: capacity = ceil(tokens * topk / experts * factor) per routing group; None is
+            dropless [--moe-expert-capacity-factor].
+        token_drop_policy: past capacity, drop the lowest-probability ("probs") or latest ("position") tokens
+            [--moe-token-drop-policy].
+        pad_expert_input_to_capacity: every expert processes exactly `capacity` slots [--moe-pad-expert-input-to-capacity].
+        eval_capacity_factor: capacity factor in evaluation; None: the training one [--moe-eval-capacity-factor].
+        token_dispatcher_type: allgather or alltoall [--moe-token-dispatcher-type].
+        grouped_gemm: use a grouped GEMM for the experts (else a loop over experts) [--moe-grouped-gemm].
     """
 
     num_experts: int
     router_topk: int = 2
     ffn_hidden_size: int | None = None
     shared_expert_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
     layer_freq: int | tuple[int, ...] = 1
+    router_score_function: str = "softmax"
+    router_pre_softmax: bool = False
+    router_topk_scaling_factor: float | None = None
+    router_num_groups: int | None = None
+    router_group_topk: int | None = None
+    router_dtype: str | None = None
+    load_balancing_type: tuple[str, ...] = ("aux_loss",)
+    aux_loss_coeff: float | tuple[float, ...] = 0.0
+    z_loss_coeff: float | None = None
+    expert_capacity_factor: float | None = None
+    token_drop_policy: str = "probs"
+    pad_expert_input_to_capacity: bool = False
+    eval_capacity_factor: float | None = None
+    token_dispatcher_type: str = "allgather"
+    grouped_gemm: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer_freq, list):
-            object.__setattr__(self, "layer_freq", tuple(self.layer_freq))
-        problems = []
-        if self.num_experts < 1:
-            problems.append(f"--num-experts must be >= 1, got {self.num_experts}")
-        if not 1 <= self.router_topk <= self.num_experts:
-            problems.append(f"--moe-router-topk={self.router_topk} must be between 1 and --num-experts="
-                            f"{self.num_experts}")
-        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
-            problems.append(f"--moe-ffn-hidden-size must be >= 1, got {self.ffn_hidden_size}")
-        if isinstance(self.layer_freq, int) and self.layer_freq < 1:
-            problems.append(f"--moe-layer-freq must be >= 1 or a 0/1 list, got {self.layer_freq}")
-        if isinstance(self.layer_freq, tuple) and not set(self.layer_freq) <= {0, 1}:
-            problems.append(f"--moe-layer-freq list must hold only 0 and 1, got {list(self.layer_freq)}")
+        for name in ("layer_freq", "load_balancing_type", "aux_loss_coeff"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.load_balancing_type, str):
+            object.__setattr__(self, "load_balancing_type", (self.load_balancing_type,))
+        problems = self.problems()
         if problems:
             raise ValueError("invalid MoE config:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        out = []
+        e, k = self.num_experts, self.router_topk
+        if e < 1:
+            return [f"--num-experts must be >= 1, got {e}"]
+        if not 1 <= k <= e:
+            out.append(f"--moe-router-topk={k} must be between 1 and --num-experts={e}")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
+            out.append(f"--moe-ffn-hidden-size must be >= 1, got {self.ffn_hidden_size}")
+        if isinstance(self.layer_freq, int) and self.layer_freq < 1:
+            out.append(f"--moe-layer-freq must be >= 1 or a 0/1 list, got {self.layer_freq}")
+        if isinstance(self.layer_freq, tuple) and not set(self.layer_freq) <= {0, 1}:
+            out.append(f"--moe-layer-freq list must hold only 0 and 1, got {list(self.layer_freq)}")
+        if self.router_score_function not in SCORE_FUNCTIONS:
+            out.append(f"--moe-router-score-function must be one of {SCORE_FUNCTIONS}")
+        if self.router_pre_softmax and self.router_score_function != "softmax":
+            out.append("--moe-router-pre-softmax needs --moe-router-score-function softmax")
+        if (self.router_num_groups is None) != (self.router_group_topk is None):
+            out.append("group-limited routing needs both --moe-router-num-groups and --moe-router-group-topk")
+        elif self.router_num_groups is not None:
+            g, gk = self.router_num_groups, self.router_group_topk
+            if g < 1 or e % g:
+                out.append(f"--moe-router-num-groups={g} must divide --num-experts={e}")
+            elif not 1 <= gk <= g:
+                out.append(f"--moe-router-group-topk={gk} must be between 1 and --moe-router-num-groups={g}")
+            elif k % gk or k // gk > e // g:
+                out.append(f"--moe-router-topk={k} must be a multiple of --moe-router-group-topk={gk} and pick at "
+                           f"most {e // g} experts per group")
+        if self.router_dtype not in ROUTER_DTYPES:
+            out.append(f"--moe-router-dtype must be fp32 or fp64, got {self.router_dtype!r}")
+        unknown = [t for t in self.load_balancing_type if t not in LOAD_BALANCING]
+        if unknown:
+            out.append(f"--moe-router-load-balancing-type {unknown} not supported; use {LOAD_BALANCING}")
+        if isinstance(self.aux_loss_coeff, tuple) and len(self.aux_loss_coeff) != len(self.load_balancing_type):
+            out.append(f"--moe-aux-loss-coeff gives {len(self.aux_loss_coeff)} values for "
+                       f"{len(self.load_balancing_type)} load-balancing types")
+        for name in ("expert_capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                flag = "--moe-expert-capacity-factor" if name == "expert_capacity_factor" else "--moe-eval-capacity-factor"
+                out.append(f"{flag} must be > 0, got {value}")
+        if self.pad_expert_input_to_capacity and self.expert_capacity_factor is None:
+            out.append("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+        if self.token_drop_policy not in DROP_POLICIES:
+            out.append(f"--moe-token-drop-policy must be one of {DROP_POLICIES}")
+        if self.token_dispatcher_type not in DISPATCHERS:
+            out.append(f"--moe-token-dispatcher-type must be one of {DISPATCHERS}")
+        return out
 
     def is_moe_layer(self, layer: int, num_layers: int) -> bool:
         """Whether global layer `layer` (0-based) of `num_layers` holds experts."""
@@ -51,3 +130,18 @@ class MoEConfig:
         if len(self.layer_freq) != num_layers:
             raise ValueError(f"--moe-layer-freq lists {len(self.layer_freq)} layers but --num-layers is {num_layers}")
         return bool(self.layer_freq[layer])
+
+    def aux_loss_coeffs(self) -> dict[str, float]:
+        """Coefficient per load-balancing type."""
+        coeffs = (self.aux_loss_coeff if isinstance(self.aux_loss_coeff, tuple)
+                  else (self.aux_loss_coeff,) * len(self.load_balancing_type))
+        return {t: c for t, c in zip(self.load_balancing_type, coeffs) if t != "none"}
+
+    def capacity(self, num_tokens: int, training: bool) -> int | None:
+        """Slots per expert for a routing group of num_tokens tokens; None when dropless."""
+        factor = self.expert_capacity_factor if training or self.eval_capacity_factor is None \
+            else self.eval_capacity_factor
+        if factor is None:
+            return None
+        return max(1, math.ceil(num_tokens * self.router_topk / self.num_experts * factor))
+

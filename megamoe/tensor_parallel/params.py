@@ -9,6 +9,7 @@ one whole tensor at a time, and no "seed checkpoint" is ever needed (invariant 1
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ class ParamSpec:
             takes the word embedding's); None means the parameter's own name.
         sequence_parallel: replicated across tp ranks that each see a different sequence shard, so its gradient is
             partial per rank and must be summed over tp (norm weights, row-parallel biases under SP).
+        experts: (first, count) when dim 0 lists experts: this rank holds experts [first, first + count) of
+            global_shape[0]. Each expert is drawn on its own, from the name "<name>/expert<e>", so a rank draws
+            only its own experts and expert e has the same values under every expert-parallel size.
         valid_rows: only the first `valid_rows` rows (dim 0) are drawn; the rest are padding and start at zero.
             The vocabulary is padded to a multiple of 128 x tp (Megatron's rule), so the padded size depends on
             the layout; drawing only the real rows keeps every real row's values layout-independent.
@@ -47,6 +51,7 @@ class ParamSpec:
     std: float = 0.02
     init_key: str | None = None
     sequence_parallel: bool = False
+    experts: tuple[int, int] | None = None
     valid_rows: int | None = None
 
     def __post_init__(self) -> None:
@@ -58,14 +63,22 @@ class ParamSpec:
 
     @property
     def local_shape(self) -> tuple[int, ...]:
-        if self.shard_dim is None:
-            return self.global_shape
         shape = list(self.global_shape)
-        shape[self.shard_dim] //= self.shard_count
+        if self.experts is not None:
+            shape[0] = self.experts[1]
+        if self.shard_dim is not None:
+            shape[self.shard_dim] //= self.shard_count
         return tuple(shape)
+
+    def _own_experts(self, full: torch.Tensor) -> torch.Tensor:
+        if self.experts is None:
+            return full
+        first, count = self.experts
+        return full[first:first + count]
 
     def place_local(self, full: torch.Tensor, local: torch.Tensor) -> None:
         """Write this rank's piece `local` into its place in the whole tensor `full` (the inverse of take_local)."""
+        full = self._own_experts(full)
         if self.shard_dim is None:
             full.copy_(local)
             return
@@ -75,6 +88,7 @@ class ParamSpec:
 
     def take_local(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's piece of the whole tensor `full`."""
+        full = self._own_experts(full)
         if self.shard_dim is None:
             return full
         blocks = full.chunk(self.chunks, dim=self.shard_dim)
@@ -109,6 +123,17 @@ def global_init_tensor(spec: ParamSpec, seed: int, name: str) -> torch.Tensor:
     return torch.cat([drawn, padding]) if padding.numel() else drawn
 
 
+def local_init_tensor(spec: ParamSpec, seed: int, name: str) -> torch.Tensor:
+    """This rank's initial piece of parameter `name`, drawing at most one whole tensor (one expert's) at a time."""
+    if spec.experts is None:
+        return spec.take_local(global_init_tensor(spec, seed, name))
+    first, count = spec.experts
+    one = dataclasses.replace(spec, global_shape=spec.global_shape[1:], experts=None,
+                              shard_dim=None if spec.shard_dim is None else spec.shard_dim - 1)
+    return torch.stack([one.take_local(global_init_tensor(one, seed, f"{name}/expert{e}"))
+                        for e in range(first, first + count)])
+
+
 @torch.no_grad()
 def initialize_parameters(module: nn.Module, seed: int, prefix: str = "") -> None:
     """Fill every parameter of `module` that has a spec from (seed, prefix + its name, its slice)."""
@@ -116,5 +141,4 @@ def initialize_parameters(module: nn.Module, seed: int, prefix: str = "") -> Non
         spec = getattr(param, "spec", None)
         if spec is None:
             raise ValueError(f"parameter {prefix + name} has no ParamSpec; create it with new_param()")
-        local = spec.take_local(global_init_tensor(spec, seed, prefix + name))
-        param.copy_(local.to(param.dtype))
+        param.copy_(local_init_tensor(spec, seed, prefix + name).to(param.dtype))

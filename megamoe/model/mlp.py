@@ -1,0 +1,40 @@
+"""The dense MLP: fc1 (column-parallel) -> GELU or SwiGLU -> fc2 (row-parallel)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.model.config import ModelConfig
+from megamoe.parallel.group import AxisGroup
+from megamoe.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+class MLP(nn.Module):
+    """fc1 (column-parallel) -> GELU or SwiGLU -> fc2 (row-parallel). For SwiGLU fc1 holds [gate; up], each half
+    split over tp, so every rank has the gate and up rows of the same hidden units."""
+
+    def __init__(self, config: ModelConfig, tp_group: AxisGroup, sequence_parallel: bool, ffn_hidden_size: int,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        c, self.swiglu = config, config.swiglu
+        fc1_out = 2 * ffn_hidden_size if self.swiglu else ffn_hidden_size
+        self.linear_fc1 = ColumnParallelLinear(c.hidden_size, fc1_out, tp_group, sequence_parallel=sequence_parallel,
+                                               bias=c.add_bias_linear, std=c.init_method_std,
+                                               chunks=2 if self.swiglu else 1, device=device, dtype=dtype)
+        self.linear_fc2 = RowParallelLinear(ffn_hidden_size, c.hidden_size, tp_group,
+                                            sequence_parallel=sequence_parallel, bias=c.add_bias_linear,
+                                            std=c.init_method_std / math.sqrt(2 * c.num_layers),
+                                            device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.linear_fc2(h)

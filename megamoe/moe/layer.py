@@ -1,0 +1,61 @@
+"""MoELayer: router -> dispatcher -> grouped experts -> combine (+ shared experts). Fills a layer's MLP slot."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.model.config import ModelConfig
+from megamoe.model.mlp import MLP
+from megamoe.moe.dispatcher import AllGatherDispatcher, AllToAllDispatcher
+from megamoe.moe.experts import GroupedExperts
+from megamoe.moe.losses import attach_aux_loss
+from megamoe.moe.metrics import routing_metrics
+from megamoe.moe.router import TopKRouter
+from megamoe.parallel.mesh import ParallelMesh
+from megamoe.tensor_parallel.params import ParamSpec, new_param
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts MLP over [s(/tp), b, h] activations.
+
+    Attributes:
+        aux_loss_scale: the gradient given to the router losses in backward; the schedule sets it so they are
+            scaled like the main loss (e.g. 1 / number of micro-batches).
+        metrics: the last forward's routing metrics (metrics.py) and aux loss, detached.
+    """
+
+    def __init__(self, config: ModelConfig, mesh: ParallelMesh, layer_number: int, device=None, dtype=None) -> None:
+        super().__init__()
+        moe, sp = config.moe, mesh.config.sequence_parallel
+        self.layer_number, self.aux_loss_scale, self.metrics = layer_number, 1.0, {}
+        self.router = TopKRouter(config.hidden_size, moe, mesh["tp"], sp, config.init_method_std, device, dtype)
+        self.experts = GroupedExperts(config, mesh["ep"], mesh["etp"], device, dtype)
+        if moe.token_dispatcher_type == "allgather":
+            self.dispatcher = AllGatherDispatcher(mesh["tp_ep"], moe.num_experts, self.experts.num_local,
+                                                  mesh.coordinates["ep"])
+        else:
+            self.dispatcher = AllToAllDispatcher(mesh["ep"], mesh["etp"], mesh["tp_ep"], moe.num_experts)
+        self.shared_experts = None
+        if moe.shared_expert_intermediate_size:
+            self.shared_experts = MLP(config, mesh["tp"], sp, moe.shared_expert_intermediate_size, device, dtype)
+            self.shared_expert_gate = (
+                new_param(ParamSpec((1, config.hidden_size), std=config.init_method_std, sequence_parallel=sp),
+                          device, dtype) if moe.shared_expert_gate else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, b, h = x.shape
+        tokens = x.reshape(s * b, h)                                   # [s b, h], sequence-major like the routing
+        routing = self.router(tokens, batch=b)
+        out = self.dispatcher(tokens, routing.probs, routing.routing_map, self.experts).view(s, b, h)
+        self.metrics = routing_metrics(routing.stats["scores"], routing.stats["routed"], routing.stats["kept"])
+        if routing.aux_loss is not None:
+            self.metrics["aux_loss"] = routing.aux_loss.detach()
+            out = attach_aux_loss(out, routing.aux_loss, self.aux_loss_scale)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(F.linear(x, self.shared_expert_gate))
+            out = out + shared
+        return out
