@@ -33,6 +33,6 @@ def apply_capacity(probs: torch.Tensor, routing_map: torch.Tensor, capacity: int
     # A stable sort keeps equal priorities in token order: ties go to the earlier token.
     chosen = torch.sort(priority, dim=0, descending=True, stable=True).indices[:capacity]   # [C, E]
     kept = torch.zeros_like(routing_map).scatter_(0, chosen, True)
-    if not pad:
-        kept &= routing_map
-    return probs * kept, kept
+    routed_and_kept = kept & routing_map
+    # Padding slots are processed but weigh nothing in the combine.
+    return probs * routed_and_kept, kept if pad else routed_and_kept
