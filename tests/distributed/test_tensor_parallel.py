@@ -2,62 +2,15 @@
 every gradient to 1e-5, dropout masks included; and vocab-parallel cross entropy equals torch's."""
 
 import itertools
-import math
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megamoe.model.accounting import parameter_counts
 from megamoe.parallel.group import AxisGroup
 from megamoe.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-from tests.model_cases import VARIANTS, make_config, run_model
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def assemble(per_rank: list[dict], name: str, kind: str) -> torch.Tensor:
-    """The whole tensor from every tp rank's piece. Replicated pieces must agree, except sequence-parallel
-    gradients, which are partial per rank and summed (what finalize-grads does over tp)."""
-    specs = [r["specs"][name] for r in per_rank]
-    pieces = [r[kind][name] for r in per_rank]
-    spec = specs[0]
-    if spec.shard_dim is None:
-        if kind == "grads" and spec.sequence_parallel:
-            return sum(pieces)
-        for piece in pieces[1:]:
-            assert torch.allclose(piece, pieces[0], rtol=1e-6, atol=1e-7), f"{name} differs across tp ranks"
-        return pieces[0]
-    full = torch.empty(spec.global_shape)
-    for s, piece in zip(specs, pieces):
-        s.place_local(full, piece)
-    return full
-
-
-def check_against_tp1(variant_kwargs: dict, per_rank: list[dict], training: bool = False):
-    reference = run_model(variant_kwargs, training=training)
-    cfg = make_config(**variant_kwargs)
-    v = cfg.vocab_size
-    logits = torch.cat([r["logits"] for r in per_rank], dim=-1)
-    assert rel(logits[..., :v], reference["logits"][..., :v]) < 1e-5
-    assert rel(per_rank[0]["loss"], reference["loss"]) < 1e-5
-    for r in per_rank[1:]:
-        assert torch.allclose(r["loss"], per_rank[0]["loss"], rtol=1e-6)
-    # Per-rank counts add up to the closed-form total once replicated parameters are counted once.
-    tp = len(per_rank)
-    replicated = sum(math.prod(s.global_shape) for s in per_rank[0]["specs"].values() if s.shard_dim is None)
-    assert sum(r["count"] for r in per_rank) - (tp - 1) * replicated == parameter_counts(cfg, tp).total
-    for name, ref_param in reference["params"].items():
-        rows = v if name in ("embedding.word_embeddings.weight", "output_layer.weight") else None
-        full = assemble(per_rank, name, "params")
-        # Initial values: bitwise the single-process tensor (real vocabulary rows; padding rows are zero).
-        assert torch.equal(full[:rows], ref_param[:rows]), f"initial {name}"
-        assert torch.all(full[rows:] == 0) if rows else True
-        grad = assemble(per_rank, name, "grads")
-        assert rel(grad[:rows], reference["grads"][name][:rows]) < 1e-5, f"grad {name}"
+from tests.model_cases import VARIANTS, check_against_single_process, make_config, rel, run_model
 
 
 def _tp_body(variant_kwargs, sequence_parallel, training=False):
@@ -76,7 +29,7 @@ DEFAULT_CASES = [(name, tp, sp) for name, tp, sp in itertools.product(("mixtral"
 
 @pytest.mark.parametrize("variant, tp, sp", DEFAULT_CASES)
 def test_tensor_parallel_equals_single_process(dist_run, variant, tp, sp):
-    check_against_tp1(VARIANTS[variant], dist_run(tp, _tp_body, VARIANTS[variant], sp))
+    check_against_single_process(VARIANTS[variant], dist_run(tp, _tp_body, VARIANTS[variant], sp))
 
 
 FULL_AXES = dict(num_query_groups=(1, 2, 8), untie_embeddings_and_output_weights=(False, True),
@@ -89,7 +42,7 @@ FULL_CASES = [(dict(zip(FULL_AXES, values)), tp, sp)
 @pytest.mark.full
 @pytest.mark.parametrize("kwargs, tp, sp", [c for c in FULL_CASES if _valid(c[0], c[1])])
 def test_tensor_parallel_matrix(dist_run, kwargs, tp, sp):
-    check_against_tp1(kwargs, dist_run(tp, _tp_body, kwargs, sp))
+    check_against_single_process(kwargs, dist_run(tp, _tp_body, kwargs, sp))
 
 
 def test_dropout_masks_are_layout_invariant(dist_run):
@@ -98,7 +51,7 @@ def test_dropout_masks_are_layout_invariant(dist_run):
     # every gradient equal the tp=1 run. Any mask drawn per rank would change them far beyond round-off.
     kwargs = dict(VARIANTS["mixtral"], hidden_dropout=0.3, attention_dropout=0.3)
     per_rank = dist_run(2, _tp_body, kwargs, True, True)
-    check_against_tp1(kwargs, per_rank, training=True)
+    check_against_single_process(kwargs, per_rank, training=True)
     assert not torch.allclose(per_rank[0]["loss"], run_model(kwargs, training=False)["loss"])
 
 

@@ -1,0 +1,65 @@
+"""Every expert layout trains the same MoE model: ep, etp, tp with SP, both dispatchers, dropless and capacity
+(both drop policies, padded or not), on 2 to 8 gloo ranks, against one process running the same micro-batches.
+
+Routing decisions (tokens per expert, drops) must be identical, and logits, per-token loss (aux and z losses
+included through their gradients) and every parameter's gradient equal to 1e-5.
+"""
+
+import itertools
+
+import pytest
+
+from megamoe.moe.config import MoEConfig
+from tests.model_cases import VARIANTS, check_against_single_process, run_model
+
+
+def moe_model(**moe):
+    base = dict(num_experts=4, router_topk=2, aux_loss_coeff=0.01, z_loss_coeff=1e-3)
+    return dict(VARIANTS["mixtral"], moe=MoEConfig(**{**base, **moe}))
+
+
+def _body(model_kwargs, parallel):
+    return run_model(model_kwargs, parallel=parallel)
+
+
+SP = dict(sequence_parallel=True)
+DROP = dict(expert_capacity_factor=1.0)
+CASES = {
+    "ep2-alltoall": (2, dict(ep=2), dict(token_dispatcher_type="alltoall")),
+    "ep2-allgather-seqaux": (2, dict(ep=2), dict(load_balancing_type=("aux_loss", "seq_aux_loss"),
+                                                  aux_loss_coeff=(0.01, 0.02))),
+    "tp2sp-ep2-alltoall": (2, dict(tp=2, ep=2, etp=1, **SP), dict(token_dispatcher_type="alltoall")),
+    "tp2sp-etp2-allgather": (2, dict(tp=2, ep=1, etp=2, **SP), dict()),
+    "tp2sp-ep2-alltoall-probs": (4, dict(tp=2, ep=2, etp=1, **SP), dict(token_dispatcher_type="alltoall", **DROP)),
+    "tp2sp-ep2-etp2-alltoall-position-pad": (4, dict(tp=2, ep=2, etp=2, **SP), dict(
+        token_dispatcher_type="alltoall", token_drop_policy="position", pad_expert_input_to_capacity=True, **DROP)),
+    "ep4-allgather-shared-sigmoid": (4, dict(ep=4), dict(shared_expert_intermediate_size=32, shared_expert_gate=True,
+                                                         router_score_function="sigmoid")),
+    "tp2sp-ep4-alltoall-groups": (8, dict(tp=2, ep=4, etp=1, **SP), dict(
+        token_dispatcher_type="alltoall", router_num_groups=2, router_group_topk=1)),
+    "tp2sp-ep2-etp2-allgather-probs-pad": (8, dict(tp=2, ep=2, etp=2, **SP), dict(
+        pad_expert_input_to_capacity=True, layer_freq=(0, 1), **DROP)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_moe_layout_equals_single_process(dist_run, case):
+    world, parallel, moe = CASES[case]
+    kwargs = moe_model(**moe)
+    check_against_single_process(kwargs, dist_run(world, _body, kwargs, parallel))
+
+
+CAPACITY_MODES = {"dropless": {}, "probs": DROP, "position": dict(token_drop_policy="position", **DROP),
+                  "probs-pad": dict(pad_expert_input_to_capacity=True, **DROP),
+                  "position-pad": dict(token_drop_policy="position", pad_expert_input_to_capacity=True, **DROP)}
+FULL = [(ep, etp, tp, dispatcher, mode) for ep, etp, tp, dispatcher, mode in itertools.product(
+    (1, 2, 4), (1, 2), (1, 2), ("allgather", "alltoall"), sorted(CAPACITY_MODES))]
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("ep, etp, tp, dispatcher, mode", FULL)
+def test_moe_layout_matrix(dist_run, ep, etp, tp, dispatcher, mode):
+    world = 4 if ep * etp <= 4 else 8
+    parallel = dict(tp=tp, ep=ep, etp=etp, sequence_parallel=tp > 1)
+    kwargs = moe_model(token_dispatcher_type=dispatcher, **CAPACITY_MODES[mode])
+    check_against_single_process(kwargs, dist_run(world, _body, kwargs, parallel))
