@@ -149,7 +149,7 @@ class SelfAttention(nn.Module):
         return probs @ v
 
 
-# build_mlp(config, mesh, layer_number, device, dtype) -> module mapping [s, b, h] to [s, b, h]
+# build_mlp(config, mesh, layer_number, device, dtype) -> module mapping ([s, b, h], DropoutContext) to [s, b, h]
 MLPBuilder = Callable[[ModelConfig, ParallelMesh, int, torch.device | None, torch.dtype | None], nn.Module]
 
 
@@ -177,7 +177,7 @@ class TransformerLayer(nn.Module):
         out = self.self_attention(self.input_layernorm(x), rotary, attention_mask, dropout_ctx)
         x = x + dropout(out, self.hidden_dropout, self.training, dropout_ctx, (self.layer_number, ATTENTION_OUT),
                         hidden_coords)
-        out = self.mlp(self.pre_mlp_layernorm(x))
+        out = self.mlp(self.pre_mlp_layernorm(x), dropout_ctx)
         return x + dropout(out, self.hidden_dropout, self.training, dropout_ctx, (self.layer_number, MLP_OUT),
                            hidden_coords)
 

@@ -30,7 +30,8 @@ class MLP(nn.Module):
                                             std=c.init_method_std / math.sqrt(2 * c.num_layers),
                                             device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dropout_ctx=None) -> torch.Tensor:
+        """x: [s(/tp), b, h] -> same; dropout_ctx is unused (the MLP slot's signature, shared with MoE layers)."""
         h = self.linear_fc1(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)

@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
-LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
+ROUTER_TYPES = ("topk", "expert_choice")
+SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
 DROP_POLICIES = ("probs", "position")
 DISPATCHERS = ("allgather", "alltoall")
 ROUTER_DTYPES = (None, "fp32", "fp64")
@@ -28,7 +30,16 @@ class MoEConfig:
         router_num_groups, router_group_topk: group-limited routing: experts form num_groups groups, a token may
             use experts of its group_topk best groups only [--moe-router-num-groups, --moe-router-group-topk].
         router_dtype: fp32 or fp64 routing maths; None: the activations' dtype [--moe-router-dtype].
-        load_balancing_type: aux losses, combinable (a tuple) [--moe-router-load-balancing-type].
+        router_type: "topk" (each token picks experts) or "expert_choice" (each expert picks its `capacity`
+            best tokens; non-causal: a token's routing depends on later tokens of the micro-batch) [--moe-router-type].
+        second_expert_policy: fairseq's top-2 policy: "all" uses both experts; "sampling" draws the second expert
+            by Gumbel-max over the others; "random" keeps the second with probability min(1, 2 p2)
+            [--moe-second-expert-policy].
+        input_jitter_eps: multiply router inputs by uniform(1 - eps, 1 + eps) in training [--moe-input-jitter-eps].
+        router_enable_expert_bias: aux-loss-free balancing: a per-expert bias added to the scores for selection
+            only, moved by router_bias_update_rate towards balance once per optimizer step
+            [--moe-router-enable-expert-bias, --moe-router-bias-update-rate].
+        load_balancing_type: aux losses, combinable (a tuple), or "sinkhorn" (S-BASE) [--moe-router-load-balancing-type].
         aux_loss_coeff: one coefficient, or one per load_balancing_type entry [--moe-aux-loss-coeff].
         z_loss_coeff: router z-loss coefficient [--moe-z-loss-coeff].
         expert_capacity_factor: capacity = ceil(tokens * topk / experts * factor) per routing group; None is
@@ -37,6 +48,8 @@ class MoEConfig:
             [--moe-token-drop-policy].
         pad_expert_input_to_capacity: every expert processes exactly `capacity` slots [--moe-pad-expert-input-to-capacity].
         eval_capacity_factor: capacity factor in evaluation; None: the training one [--moe-eval-capacity-factor].
+        eval_capacity_token_fraction: fairseq's evaluation capacity, ceil(fraction x tokens) per expert; wins over
+            eval_capacity_factor [--moe-eval-capacity-token-fraction].
         token_dispatcher_type: allgather or alltoall [--moe-token-dispatcher-type].
         grouped_gemm: use a grouped GEMM for the experts (else a loop over experts) [--moe-grouped-gemm].
     """
@@ -53,6 +66,11 @@ class MoEConfig:
     router_num_groups: int | None = None
     router_group_topk: int | None = None
     router_dtype: str | None = None
+    router_type: str = "topk"
+    second_expert_policy: str = "all"
+    input_jitter_eps: float | None = None
+    router_enable_expert_bias: bool = False
+    router_bias_update_rate: float = 1e-3
     load_balancing_type: tuple[str, ...] = ("aux_loss",)
     aux_loss_coeff: float | tuple[float, ...] = 0.0
     z_loss_coeff: float | None = None
@@ -60,6 +78,7 @@ class MoEConfig:
     token_drop_policy: str = "probs"
     pad_expert_input_to_capacity: bool = False
     eval_capacity_factor: float | None = None
+    eval_capacity_token_fraction: float | None = None
     token_dispatcher_type: str = "allgather"
     grouped_gemm: bool = False
 
@@ -121,6 +140,35 @@ class MoEConfig:
             out.append(f"--moe-token-drop-policy must be one of {DROP_POLICIES}")
         if self.token_dispatcher_type not in DISPATCHERS:
             out.append(f"--moe-token-dispatcher-type must be one of {DISPATCHERS}")
+        if self.router_type not in ROUTER_TYPES:
+            out.append(f"--moe-router-type must be one of {ROUTER_TYPES}")
+        if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
+            out.append(f"--moe-second-expert-policy must be one of {SECOND_EXPERT_POLICIES}")
+        elif self.second_expert_policy != "all" and (k != 2 or self.router_score_function != "softmax"
+                                                     or self.router_pre_softmax):
+            out.append("--moe-second-expert-policy sampling|random is fairseq's top-2 gating: it needs "
+                       "--moe-router-topk 2 with --moe-router-score-function softmax and no --moe-router-pre-softmax")
+        if self.input_jitter_eps is not None and not 0 < self.input_jitter_eps < 1:
+            out.append(f"--moe-input-jitter-eps must be in (0, 1), got {self.input_jitter_eps}")
+        if self.router_enable_expert_bias and self.router_score_function != "sigmoid":
+            out.append("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (the bias shifts "
+                       "sigmoid affinities; softmax scores are relative and would change meaning)")
+        if self.router_bias_update_rate <= 0:
+            out.append(f"--moe-router-bias-update-rate must be > 0, got {self.router_bias_update_rate}")
+        if "sinkhorn" in self.load_balancing_type and len(self.load_balancing_type) > 1:
+            out.append("--moe-router-load-balancing-type sinkhorn balances by itself: do not combine it with others")
+        if self.eval_capacity_token_fraction is not None and not 0 < self.eval_capacity_token_fraction <= 1:
+            out.append(f"--moe-eval-capacity-token-fraction must be in (0, 1], "
+                       f"got {self.eval_capacity_token_fraction}")
+        if self.router_type == "expert_choice":
+            clash = [flag for flag, on in (("--moe-router-load-balancing-type sinkhorn", "sinkhorn" in self.load_balancing_type),
+                                           ("--moe-router-num-groups", self.router_num_groups is not None),
+                                           ("--moe-second-expert-policy", self.second_expert_policy != "all"),
+                                           ("--moe-router-enable-expert-bias", self.router_enable_expert_bias),
+                                           ("--moe-pad-expert-input-to-capacity", self.pad_expert_input_to_capacity))
+                     if on]
+            if clash:
+                out.append(f"--moe-router-type expert_choice cannot be combined with {', '.join(clash)}")
         return out
 
     def is_moe_layer(self, layer: int, num_layers: int) -> bool:
@@ -135,12 +183,18 @@ class MoEConfig:
         """Coefficient per load-balancing type."""
         coeffs = (self.aux_loss_coeff if isinstance(self.aux_loss_coeff, tuple)
                   else (self.aux_loss_coeff,) * len(self.load_balancing_type))
-        return {t: c for t, c in zip(self.load_balancing_type, coeffs) if t != "none"}
+        return {t: c for t, c in zip(self.load_balancing_type, coeffs) if t not in ("none", "sinkhorn")}
 
     def capacity(self, num_tokens: int, training: bool) -> int | None:
-        """Slots per expert for a routing group of num_tokens tokens; None when dropless."""
+        """Slots per expert for a routing group of num_tokens tokens; None when dropless.
+
+        Expert-choice routing always has a capacity (factor 1 unless given)."""
+        if not training and self.eval_capacity_token_fraction is not None:
+            return max(1, math.ceil(self.eval_capacity_token_fraction * num_tokens))
         factor = self.expert_capacity_factor if training or self.eval_capacity_factor is None \
             else self.eval_capacity_factor
+        if factor is None and self.router_type == "expert_choice":
+            factor = 1.0
         if factor is None:
             return None
         return max(1, math.ceil(num_tokens * self.router_topk / self.num_experts * factor))

@@ -15,6 +15,7 @@ from megamoe.moe.metrics import routing_metrics
 from megamoe.moe.router import TopKRouter
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.tensor_parallel.params import ParamSpec, new_param
+from megamoe.tensor_parallel.random import DropoutContext
 
 
 class MoELayer(nn.Module):
@@ -30,7 +31,8 @@ class MoELayer(nn.Module):
         super().__init__()
         moe, sp = config.moe, mesh.config.sequence_parallel
         self.layer_number, self.aux_loss_scale, self.metrics = layer_number, 1.0, {}
-        self.router = TopKRouter(config.hidden_size, moe, mesh["tp"], sp, config.init_method_std, device, dtype)
+        self.router = TopKRouter(config.hidden_size, moe, mesh["tp"], sp, config.init_method_std, layer_number,
+                                 device, dtype)
         self.experts = GroupedExperts(config, mesh["ep"], mesh["etp"], device, dtype)
         if moe.token_dispatcher_type == "allgather":
             self.dispatcher = AllGatherDispatcher(mesh["tp_ep"], moe.num_experts, self.experts.num_local,
@@ -44,12 +46,15 @@ class MoELayer(nn.Module):
                 new_param(ParamSpec((1, config.hidden_size), std=config.init_method_std, sequence_parallel=sp),
                           device, dtype) if moe.shared_expert_gate else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dropout_ctx: DropoutContext | None = None) -> torch.Tensor:
+        """x: [s(/tp), b, h] -> [s(/tp), b, h]. dropout_ctx names the micro-batch's tokens for random routing."""
         s, b, h = x.shape
         tokens = x.reshape(s * b, h)                                   # [s b, h], sequence-major like the routing
-        routing = self.router(tokens, batch=b)
+        routing = self.router(tokens, batch=b, ctx=dropout_ctx)
         out = self.dispatcher(tokens, routing.probs, routing.routing_map, self.experts).view(s, b, h)
         self.metrics = routing_metrics(routing.stats["scores"], routing.stats["routed"], routing.stats["kept"])
+        if "expert_bias" in routing.stats:
+            self.metrics["expert_bias"] = routing.stats["expert_bias"]
         if routing.aux_loss is not None:
             self.metrics["aux_loss"] = routing.aux_loss.detach()
             out = attach_aux_loss(out, routing.aux_loss, self.aux_loss_scale)
@@ -59,3 +64,21 @@ class MoELayer(nn.Module):
                 shared = shared * torch.sigmoid(F.linear(x, self.shared_expert_gate))
             out = out + shared
         return out
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The model's MoE layers, in layer order."""
+    return sorted((m for m in model.modules() if isinstance(m, MoELayer)), key=lambda m: m.layer_number)
+
+
+def update_expert_biases(model: nn.Module, mesh: ParallelMesh) -> None:
+    """Call once per optimizer step (after the step) when --moe-router-enable-expert-bias is on."""
+    for layer in moe_layers(model):
+        if layer.router.moe.router_enable_expert_bias:
+            layer.router.update_expert_bias(mesh["dp_cp"])
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """The gradient the router losses get in backward, e.g. 1 / micro-batches per step (like the main loss)."""
+    for layer in moe_layers(model):
+        layer.aux_loss_scale = scale

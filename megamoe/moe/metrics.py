@@ -26,3 +26,34 @@ def routing_metrics(scores: torch.Tensor, routed: torch.Tensor, kept: torch.Tens
         "balance_bottom": share.min(),
         "unused_experts": (per_expert == 0).sum(),
     }
+
+
+def reduce_metrics(per_layer: dict[int, dict[str, torch.Tensor]], dp_group) -> dict[int, dict[str, list | float]]:
+    """Metrics of every MoE layer for the log, over the data-parallel group (one routing group per replica):
+    tokens per expert and unused experts are recomputed from the summed counts, the other values averaged. One
+    all-reduce and one host transfer for all layers.
+
+    per_layer: {layer number: MoELayer.metrics}; dp_group: the AxisGroup of data-parallel replicas (dp_cp).
+    """
+    from megamoe.parallel import comm
+
+    layers = sorted(per_layer)
+    if not layers:
+        return {}
+    averaged = [k for k in ("dropped_fraction", "entropy", "balance_top", "balance_bottom", "aux_loss")
+                if all(k in per_layer[n] for n in layers)]
+    rows = [torch.cat([per_layer[n]["tokens_per_expert"].to(torch.float64),
+                       torch.stack([per_layer[n][k].to(torch.float64) for k in averaged]) / dp_group.size])
+            for n in layers]
+    packed = torch.stack(rows)
+    comm.all_reduce(packed, dp_group)
+    values = packed.tolist()
+    experts = per_layer[layers[0]]["tokens_per_expert"].numel()
+    out = {}
+    for n, row in zip(layers, values):
+        counts = row[:experts]
+        out[n] = {"tokens_per_expert": [int(c) for c in counts], "unused_experts": sum(c == 0 for c in counts),
+                  **dict(zip(averaged, row[experts:]))}
+        if "expert_bias" in per_layer[n]:
+            out[n]["expert_bias"] = per_layer[n]["expert_bias"].tolist()
+    return out

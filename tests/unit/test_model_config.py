@@ -31,6 +31,7 @@ def test_megatron_defaults():
     (dict(max_position_embeddings=8), "--max-position-embeddings 8 is smaller than --seq-length 16"),
     (dict(hidden_dropout=1.0), "--hidden-dropout must be in [0, 1)"),
     (dict(num_layers=0), "--num-layers must be >= 1"),
+    (dict(moe=MoEConfig(num_experts=4)), "MoE models need --disable-bias-linear"),
 ])
 def test_invalid_models(kwargs, needle):
     with pytest.raises(ValueError) as info:
@@ -47,6 +48,12 @@ def test_invalid_models(kwargs, needle):
     (dict(seq_length=18), dict(world_size=4, tp=4, sequence_parallel=True),
      "--seq-length 18 is not divisible by --tensor-model-parallel-size 4, which --sequence-parallel needs"),
     (dict(), dict(world_size=2, cp=2), "--context-parallel-size > 1 is not supported"),
+    (dict(add_bias_linear=False, moe=MoEConfig(num_experts=6)), dict(world_size=4, ep=4),
+     "--num-experts 6 is not divisible by --expert-model-parallel-size 4"),
+    (dict(add_bias_linear=False, moe=MoEConfig(num_experts=4, ffn_hidden_size=30)), dict(world_size=4, ep=1, etp=4),
+     "expert hidden size 30 (--moe-ffn-hidden-size) is not divisible by --expert-tensor-parallel-size 4"),
+    (dict(add_bias_linear=False, moe=MoEConfig(num_experts=4)), dict(world_size=2, tp=2),
+     "MoE layers with --tensor-model-parallel-size > 1 need --sequence-parallel"),
 ])
 def test_layout_problems(model, parallel, needle):
     with pytest.raises(ValueError) as info:
@@ -55,9 +62,9 @@ def test_layout_problems(model, parallel, needle):
 
 
 def test_moe_layer_pattern():
-    assert [cfg(num_layers=4, moe=MoEConfig(num_experts=4, layer_freq=2)).is_moe_layer(i) for i in range(4)] == \
+    assert [cfg(num_layers=4, add_bias_linear=False, moe=MoEConfig(num_experts=4, layer_freq=2)).is_moe_layer(i) for i in range(4)] == \
         [True, False, True, False]
-    assert [cfg(num_layers=4, moe=MoEConfig(num_experts=4, layer_freq=[0, 1, 1, 1])).is_moe_layer(i)
+    assert [cfg(num_layers=4, add_bias_linear=False, moe=MoEConfig(num_experts=4, layer_freq=[0, 1, 1, 1])).is_moe_layer(i)
             for i in range(4)] == [False, True, True, True]
     with pytest.raises(ValueError, match="--moe-router-topk=3 must be between 1 and --num-experts=2"):
         MoEConfig(num_experts=2, router_topk=3)
