@@ -63,3 +63,69 @@ def test_moe_layout_matrix(dist_run, ep, etp, tp, dispatcher, mode):
     parallel = dict(tp=tp, ep=ep, etp=etp, sequence_parallel=tp > 1)
     kwargs = moe_model(token_dispatcher_type=dispatcher, **CAPACITY_MODES[mode])
     check_against_single_process(kwargs, dist_run(world, _body, kwargs, parallel))
+
+
+def _train_body(model_kwargs, parallel):
+    return run_model(model_kwargs, parallel=parallel, training=True)
+
+
+TP2_EP2 = dict(tp=2, ep=2, etp=1, **SP)
+TRAINING_CASES = {
+    # random draws (jitter, Gumbel second expert, random second expert) are hashes of global token identity
+    "jitter-sampling-alltoall": dict(input_jitter_eps=0.1, second_expert_policy="sampling",
+                                     token_dispatcher_type="alltoall"),
+    "random-second-expert-capacity": dict(second_expert_policy="random", **DROP),
+    "sinkhorn-top1": dict(load_balancing_type="sinkhorn", router_topk=1, aux_loss_coeff=0.0),
+    "expert-choice": dict(router_type="expert_choice", router_topk=1, aux_loss_coeff=0.0,
+                          token_dispatcher_type="alltoall"),
+    "expert-bias-sigmoid": dict(router_score_function="sigmoid", router_enable_expert_bias=True),
+}
+
+
+@pytest.mark.filterwarnings("ignore:--moe-router-type expert_choice")
+@pytest.mark.parametrize("case", sorted(TRAINING_CASES))
+def test_moe_training_routing_is_layout_invariant(dist_run, case):
+    kwargs = moe_model(**TRAINING_CASES[case])
+    check_against_single_process(kwargs, dist_run(4, _train_body, kwargs, TP2_EP2), training=True)
+
+
+def _bias_and_metrics(model_kwargs, parallel, micro_batches=None):
+    import torch
+    import torch.distributed as dist
+
+    from megamoe.model.gpt import GPTModel
+    from megamoe.moe.layer import moe_layers, update_expert_biases
+    from megamoe.moe.metrics import reduce_metrics
+    from megamoe.parallel.config import ParallelConfig
+    from megamoe.parallel.mesh import ParallelMesh
+    from tests.model_cases import SEED, batch, make_config
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mesh = ParallelMesh(ParallelConfig(world_size=world, **parallel))
+    cfg = make_config(**model_kwargs)
+    model = GPTModel(cfg, mesh, seed=SEED).train()
+    per_layer = {}
+    for mb in micro_batches if micro_batches is not None else [mesh.coordinates["dp"]]:
+        ids, labels = batch(cfg, micro_batch=mb)
+        model(ids, labels=labels, sample_ids=torch.arange(2) + 2 * mb).mean().backward()
+        for layer in moe_layers(model):  # what the single process sees, summed like the dp reduction sums
+            seen = per_layer.setdefault(layer.layer_number, {})
+            for k, v in layer.metrics.items():
+                seen[k] = v if k not in seen else seen[k] + v
+    reduced = reduce_metrics(per_layer, mesh["dp_cp"])
+    update_expert_biases(model, mesh)
+    return reduced, {layer.layer_number: layer.router.expert_bias.tolist() for layer in moe_layers(model)}
+
+
+def test_expert_bias_update_and_metrics_reduce_over_data_parallel(dist_run):
+    kwargs = moe_model(router_score_function="sigmoid", router_enable_expert_bias=True, router_bias_update_rate=0.5)
+    results = dist_run(4, _bias_and_metrics, kwargs, TP2_EP2)
+    # One process, both micro-batches in one step: counts add up, then one bias update.
+    ref_metrics, ref_bias = _bias_and_metrics(kwargs, {}, micro_batches=[0, 1])
+    for metrics, bias in results:
+        assert bias == ref_bias
+        for layer, ref in ref_metrics.items():
+            assert metrics[layer]["tokens_per_expert"] == ref["tokens_per_expert"]
+            # averaged over the two replicas = the single process's sum over two micro-batches, halved
+            assert metrics[layer]["entropy"] == pytest.approx(ref["entropy"] / 2, rel=1e-6)
+    assert any(b != 0 for biases in ref_bias.values() for b in biases)
