@@ -29,6 +29,8 @@ test-full: setup
 	$(PY) -m pytest --full
 
 bench: setup
+	$(PY) bench/matmul_peak.py
+	$(PY) bench/moe_layer.py
 	$(PY) bench/gloo_pool_overhead.py
 
 clean:
