@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
-LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 ROUTER_TYPES = ("topk", "expert_choice")
 SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
 DROP_POLICIES = ("probs", "position")
@@ -40,6 +40,9 @@ class MoEConfig:
             only, moved by router_bias_update_rate towards balance once per optimizer step
             [--moe-router-enable-expert-bias, --moe-router-bias-update-rate].
         load_balancing_type: aux losses, combinable (a tuple), or "sinkhorn" (S-BASE) [--moe-router-load-balancing-type].
+            "global_aux_loss" (Megatron-LM's) takes each expert's load over all micro-batches of the step so far,
+            summed over data-parallel replicas: it is the same under every tp, sp, ep, etp and dispatcher, but
+            depends on how the global batch is split between dp and gradient accumulation (layout-dependent).
         aux_loss_coeff: one coefficient, or one per load_balancing_type entry [--moe-aux-loss-coeff].
         z_loss_coeff: router z-loss coefficient [--moe-z-loss-coeff].
         expert_capacity_factor: capacity = ceil(tokens * topk / experts * factor) per routing group; None is

@@ -32,7 +32,7 @@ class MoELayer(nn.Module):
         moe, sp = config.moe, mesh.config.sequence_parallel
         self.layer_number, self.aux_loss_scale, self.metrics = layer_number, 1.0, {}
         self.router = TopKRouter(config.hidden_size, moe, mesh["tp"], sp, config.init_method_std, layer_number,
-                                 device, dtype)
+                                 device, dtype, dp_group=mesh["dp_cp"])
         self.experts = GroupedExperts(config, mesh["ep"], mesh["etp"], device, dtype)
         if moe.token_dispatcher_type == "allgather":
             self.dispatcher = AllGatherDispatcher(mesh["tp_ep"], moe.num_experts, self.experts.num_local,
@@ -71,11 +71,15 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return sorted((m for m in model.modules() if isinstance(m, MoELayer)), key=lambda m: m.layer_number)
 
 
-def update_expert_biases(model: nn.Module, mesh: ParallelMesh) -> None:
-    """Call once per optimizer step (after the step) when --moe-router-enable-expert-bias is on."""
+def end_of_step(model: nn.Module, mesh: ParallelMesh) -> None:
+    """Call once per optimizer step, after it: updates expert biases (--moe-router-enable-expert-bias) and starts
+    a new step for global_aux_loss."""
     for layer in moe_layers(model):
-        if layer.router.moe.router_enable_expert_bias:
-            layer.router.update_expert_bias(mesh["dp_cp"])
+        router = layer.router
+        if router.moe.router_enable_expert_bias:
+            router.update_expert_bias(mesh["dp_cp"])
+        if "global_aux_loss" in router.moe.load_balancing_type:
+            router.reset_step_load()
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

@@ -30,6 +30,13 @@ def sequence_aux_loss(scores: torch.Tensor, routing_map: torch.Tensor, topk: int
     return (e / (s * s * topk) * (per_seq_scores * per_seq_counts).sum(-1)).mean()
 
 
+def global_aux_loss(scores: torch.Tensor, load: torch.Tensor, total_tokens: int, topk: int) -> torch.Tensor:
+    """The aux loss with each expert's load taken over more than this routing group: E / (T^2 k) sum_e P_e load_e,
+    with P_e this group's score mass, load_e the (averaged) step-wide assignments and T the step-wide tokens."""
+    e = scores.shape[1]
+    return e / (total_tokens * total_tokens * topk) * (scores.sum(0) * load.to(scores.dtype)).sum()
+
+
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from megamoe.moe.capacity import apply_capacity
 from megamoe.moe.config import MoEConfig
-from megamoe.moe.losses import sequence_aux_loss, switch_aux_loss, z_loss
+from megamoe.moe.losses import global_aux_loss, sequence_aux_loss, switch_aux_loss, z_loss
 from megamoe.parallel import comm, regions
 from megamoe.parallel.group import AxisGroup
 from megamoe.tensor_parallel.params import ParamSpec, new_param
@@ -84,12 +84,20 @@ class TopKRouter(nn.Module):
         sequence_parallel: tokens arrive split over split_group (the weight's gradient is then partial per rank).
         std: init std of the router weight.
         layer_number: names this layer's random draws.
+        dp_group: the data-parallel replicas (dp_cp), for global_aux_loss.
     """
 
     def __init__(self, hidden_size: int, moe: MoEConfig, split_group: AxisGroup, sequence_parallel: bool,
-                 std: float, layer_number: int = 0, device=None, dtype=None) -> None:
+                 std: float, layer_number: int = 0, device=None, dtype=None,
+                 dp_group: AxisGroup | None = None) -> None:
         super().__init__()
-        self.moe, self.split_group, self.layer_number = moe, split_group, layer_number
+        self.moe, self.split_group, self.layer_number, self.dp_group = moe, split_group, layer_number, dp_group
+        if "global_aux_loss" in moe.load_balancing_type:
+            if dp_group is None:
+                raise ValueError("global_aux_loss needs the data-parallel group (dp_group)")
+            # Assignments per expert over the step's micro-batches so far (all replicas), and how many there were.
+            self.register_buffer("step_load", torch.zeros(moe.num_experts, device=device))
+            self.step_micro_batches = 0
         self.weight = new_param(ParamSpec((moe.num_experts, hidden_size), std=std,
                                           sequence_parallel=sequence_parallel), device, dtype)
         if moe.router_enable_expert_bias:
@@ -175,6 +183,20 @@ class TopKRouter(nn.Module):
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(0, chosen, True)
         return scores * routing_map, routing_map, scores
 
+    def _global_aux_loss(self, scores: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+        counts = routing_map.sum(0).to(self.step_load.dtype)
+        comm.all_reduce(counts, self.dp_group)  # tp ranks hold whole micro-batches: sum over replicas only
+        if torch._C._current_graph_task_id() == -1:  # not again when backward recomputes the forward
+            self.step_load += counts
+            self.step_micro_batches += 1
+        load = self.step_load / max(self.step_micro_batches, 1)
+        return global_aux_loss(scores, load, scores.shape[0] * self.dp_group.size, self.moe.router_topk)
+
+    def reset_step_load(self) -> None:
+        """Start a new optimizer step for global_aux_loss."""
+        self.step_load.zero_()
+        self.step_micro_batches = 0
+
     @torch.no_grad()
     def update_expert_bias(self, dp_group: AxisGroup) -> None:
         """Aux-loss-free balancing, once per optimizer step: sum the routed counts of every micro-batch of the
@@ -227,8 +249,12 @@ class TopKRouter(nn.Module):
         for kind, coeff in m.aux_loss_coeffs().items():
             if coeff == 0:
                 continue
-            loss = (switch_aux_loss(aux_scores, routing_map, m.router_topk) if kind == "aux_loss"
-                    else sequence_aux_loss(aux_scores, routing_map, m.router_topk, batch))
+            if kind == "aux_loss":
+                loss = switch_aux_loss(aux_scores, routing_map, m.router_topk)
+            elif kind == "seq_aux_loss":
+                loss = sequence_aux_loss(aux_scores, routing_map, m.router_topk, batch)
+            else:
+                loss = self._global_aux_loss(aux_scores, routing_map)
             aux_loss = coeff * loss if aux_loss is None else aux_loss + coeff * loss
         if m.z_loss_coeff:
             loss = m.z_loss_coeff * z_loss(logits)

@@ -8,6 +8,7 @@ included through their gradients) and every parameter's gradient equal to 1e-5.
 import itertools
 
 import pytest
+import torch
 
 from megamoe.moe.config import MoEConfig
 from tests.model_cases import VARIANTS, check_against_single_process, run_model
@@ -94,7 +95,7 @@ def _bias_and_metrics(model_kwargs, parallel, micro_batches=None):
     import torch.distributed as dist
 
     from megamoe.model.gpt import GPTModel
-    from megamoe.moe.layer import moe_layers, update_expert_biases
+    from megamoe.moe.layer import end_of_step, moe_layers
     from megamoe.moe.metrics import reduce_metrics
     from megamoe.parallel.config import ParallelConfig
     from megamoe.parallel.mesh import ParallelMesh
@@ -113,7 +114,7 @@ def _bias_and_metrics(model_kwargs, parallel, micro_batches=None):
             for k, v in layer.metrics.items():
                 seen[k] = v if k not in seen else seen[k] + v
     reduced = reduce_metrics(per_layer, mesh["dp_cp"])
-    update_expert_biases(model, mesh)
+    end_of_step(model, mesh)
     return reduced, {layer.layer_number: layer.router.expert_bias.tolist() for layer in moe_layers(model)}
 
 
@@ -129,3 +130,22 @@ def test_expert_bias_update_and_metrics_reduce_over_data_parallel(dist_run):
             # averaged over the two replicas = the single process's sum over two micro-batches, halved
             assert metrics[layer]["entropy"] == pytest.approx(ref["entropy"] / 2, rel=1e-6)
     assert any(b != 0 for biases in ref_bias.values() for b in biases)
+
+
+def test_global_aux_loss_is_invariant_to_tp_ep_etp_and_dispatcher(dist_run):
+    # Layout-dependent in dp x gradient accumulation only: compare layouts that all have two dp replicas.
+    kwargs = moe_model(load_balancing_type=("global_aux_loss",), aux_loss_coeff=0.5)
+    plain = dist_run(2, _train_body, kwargs, dict())
+    layouts = [dist_run(4, _train_body, moe_model(load_balancing_type=("global_aux_loss",), aux_loss_coeff=0.5,
+                                                  token_dispatcher_type="alltoall"), TP2_EP2),
+               dist_run(4, _train_body, kwargs, dict(tp=2, ep=1, etp=2, **SP))]
+    router_grads = [n for n in plain[0]["grads"] if n.endswith("router.weight")]
+    for layout in layouts:
+        for r in layout:
+            reference = plain[r["coords"]["dp"]]
+            assert torch.allclose(r["loss"], reference["loss"], rtol=1e-5)
+        # the router's gradient (where the loss acts), summed over ranks as the dp reduction will sum it
+        for name in router_grads:
+            want = sum(p["grads"][name] for p in plain)
+            got = sum(r["grads"][name] for r in layout)
+            assert ((got - want).norm() / want.norm()).item() < 1e-5, name

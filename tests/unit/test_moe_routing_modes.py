@@ -143,3 +143,25 @@ def test_invalid_routing_options(kwargs, needle):
     with pytest.raises(ValueError) as info:
         MoEConfig(num_experts=4, **kwargs)
     assert needle in str(info.value)
+
+
+def test_global_aux_loss_by_hand_and_step_accumulation():
+    from megamoe.moe.losses import global_aux_loss, switch_aux_loss
+
+    scores = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    load = torch.tensor([3.0, 1.0])
+    # E / (T^2 k) sum_e P_e load_e with T = 4 step-wide tokens: 2 / 16 * (1.1 * 3 + 0.9 * 1)
+    assert global_aux_loss(scores, load, 4, 1).item() == pytest.approx(2 / 16 * (1.1 * 3 + 0.9 * 1))
+    # with the load of this group alone and T = N it is the ordinary aux loss
+    routing_map = torch.tensor([[True, False], [False, True]])
+    assert global_aux_loss(scores, routing_map.sum(0), 2, 1).item() == pytest.approx(
+        switch_aux_loss(scores, routing_map, 1).item())
+
+    r = TopKRouter(3, MoEConfig(num_experts=4, load_balancing_type="global_aux_loss", aux_loss_coeff=1.0), ONE,
+                   False, 0.02, dp_group=ONE)
+    tokens = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+    first = r(tokens, batch=2).routing_map.sum(0)
+    second = r(tokens.flip(0), batch=2).routing_map.sum(0)
+    assert r.step_micro_batches == 2 and torch.equal(r.step_load, (first + second).float())
+    r.reset_step_load()
+    assert r.step_micro_batches == 0 and r.step_load.sum() == 0
