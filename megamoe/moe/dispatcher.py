@@ -9,8 +9,10 @@ AllGatherDispatcher (small ep):   all-gather tokens and routing over tp_ep -> ea
 AllToAllDispatcher (large ep):    permute by expert -> all-to-all over ep -> all-gather over etp -> sort by local
     expert -> experts -> the same steps reversed, with a reduce-scatter over etp -> unpermute, weighted.
 
-Both make exactly one device-to-host transfer per layer: the assignment counts that size the exchanges and the
-expert GEMMs.
+Dropless, both make exactly one device-to-host transfer per layer: the assignment counts that size the exchanges
+and the expert GEMMs. With a capacity C they make none: a rank holding N tokens never has more than
+S = min(C, N) assignments for one expert, so every exchange uses fixed buffers of S rows per expert (zero rows
+where a slot is free; a zero row contributes nothing, forward or backward).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from megamoe.moe.experts import GroupedExperts
-from megamoe.moe.permute import expert_order, permute, unpermute
+from megamoe.moe.permute import expert_order, from_slots, permute, slot_order, to_slots, unpermute
 from megamoe.parallel import regions
 from megamoe.parallel.group import AxisGroup
 
@@ -31,16 +33,23 @@ class AllGatherDispatcher:
         self.local_experts = slice(ep_index * num_local_experts, (ep_index + 1) * num_local_experts)
 
     def __call__(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
-                 experts: GroupedExperts) -> torch.Tensor:
-        """tokens [N, h], probs and routing_map [N, E] -> [N, h]."""
+                 experts: GroupedExperts, capacity: int | None = None) -> torch.Tensor:
+        """tokens [N, h], probs and routing_map [N, E] -> [N, h]; capacity: None when dropless."""
         g = self.group
         all_tokens = regions.gather_from_sp_region(tokens, g)                                # [G N, h]
         all_probs = regions.gather_from_sp_region(probs, g)[:, self.local_experts]           # [G N, E_local]
         all_map = regions.gather_along(routing_map.to(torch.uint8), g, 0)[:, self.local_experts].bool()
-        counts = all_map.sum(0).tolist()                                                     # the host sync
-        token_index, expert_index = expert_order(all_map, sum(counts))
-        out = experts(permute(all_tokens, token_index), counts)
-        weights = all_probs[token_index, expert_index]
+        if capacity is None:
+            counts = all_map.sum(0).tolist()                                                 # the host sync
+            token_index, expert_index = expert_order(all_map, sum(counts))
+            out = experts(permute(all_tokens, token_index), counts)
+            weights = all_probs[token_index, expert_index]
+        else:
+            slots = g.size * min(capacity, tokens.shape[0])
+            token_index, expert_index, valid, row = slot_order(all_map, slots)
+            buffer = to_slots(all_tokens, token_index, row, all_map.shape[1] * slots)
+            out = from_slots(experts(buffer, [slots] * all_map.shape[1]), row)
+            weights = all_probs[token_index, expert_index] * valid
         combined = unpermute(out, token_index, weights, all_tokens.shape[0])
         return regions.reduce_scatter_to_sp_region(combined, g)                              # [N, h]
 
@@ -59,7 +68,10 @@ class AllToAllDispatcher:
         return sum(row[ep_index * self.num_local:(ep_index + 1) * self.num_local])
 
     def __call__(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
-                 experts: GroupedExperts) -> torch.Tensor:
+                 experts: GroupedExperts, capacity: int | None = None) -> torch.Tensor:
+        """tokens [N, h], probs and routing_map [N, E] -> [N, h]; capacity: None when dropless."""
+        if capacity is not None:
+            return self._fixed(tokens, probs, routing_map, experts, min(capacity, tokens.shape[0]))
         ep, etp, n_local = self.ep, self.etp, self.num_local
         # Every rank's per-expert assignment counts, in one gather and one host sync.
         counts_local = routing_map.sum(0, dtype=torch.int64)
@@ -104,3 +116,20 @@ class AllToAllDispatcher:
         # 5. all-to-all back over ep, then weighted sum per token.
         out = regions.all_to_all(out, ep, send, recv)
         return unpermute(out, token_index, weights, tokens.shape[0])
+
+    def _fixed(self, tokens, probs, routing_map, experts, slots):
+        # Fixed splits: `slots` rows per (source rank, expert) everywhere, so no counts need exchanging.
+        ep, etp, n_local = self.ep, self.etp, self.num_local
+        h = tokens.shape[-1]
+        token_index, expert_index, valid, row = slot_order(routing_map, slots)
+        buffer = to_slots(tokens, token_index, row, routing_map.shape[1] * slots)          # [E S, h], by ep rank
+        received = regions.all_to_all(buffer, ep)                                            # [ep, E_local, S, h]
+        received = regions.gather_from_sp_region(received, etp)                              # [etp, ep, E_local, S, h]
+        grid = received.view(etp.size, ep.size, n_local, slots, h)
+        rows = grid.permute(2, 0, 1, 3, 4).reshape(-1, h)                                  # [E_local, etp, ep, S]
+        out = experts(rows, [etp.size * ep.size * slots] * n_local)
+        out = out.view(n_local, etp.size, ep.size, slots, h).permute(1, 2, 0, 3, 4).reshape(-1, h)
+        out = regions.reduce_scatter_to_sp_region(out, etp)                                  # sums etp partials
+        out = regions.all_to_all(out, ep)                                                    # [E S, h]
+        weights = probs[token_index, expert_index] * valid
+        return unpermute(from_slots(out, row), token_index, weights, tokens.shape[0])

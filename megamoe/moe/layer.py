@@ -51,7 +51,8 @@ class MoELayer(nn.Module):
         s, b, h = x.shape
         tokens = x.reshape(s * b, h)                                   # [s b, h], sequence-major like the routing
         routing = self.router(tokens, batch=b, ctx=dropout_ctx)
-        out = self.dispatcher(tokens, routing.probs, routing.routing_map, self.experts).view(s, b, h)
+        out = self.dispatcher(tokens, routing.probs, routing.routing_map, self.experts,
+                              routing.capacity).view(s, b, h)
         self.metrics = routing_metrics(routing.stats["scores"], routing.stats["routed"], routing.stats["kept"])
         if "expert_bias" in routing.stats:
             self.metrics["expert_bias"] = routing.stats["expert_bias"]

@@ -43,12 +43,14 @@ class Routing:
     routing_map: [N_local, E] bool, the assignments the experts process.
     aux_loss: the weighted sum of the load-balancing and z losses (a scalar tensor), or None.
     stats: detached per-routing-group tensors for MoE metrics (see metrics.py).
+    capacity: at most this many assignments per expert in the routing group (None when dropless).
     """
 
     probs: torch.Tensor
     routing_map: torch.Tensor
     aux_loss: torch.Tensor | None
     stats: dict[str, torch.Tensor]
+    capacity: int | None = None
 
 
 def _stable_topk(x: torch.Tensor, k: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,8 +263,8 @@ class TopKRouter(nn.Module):
             aux_loss = loss if aux_loss is None else aux_loss + loss
 
         routed = routing_map
-        capacity = m.capacity(n, self.training) if m.router_type == "topk" else None
-        if capacity is not None:
+        capacity = m.capacity(n, self.training)
+        if capacity is not None and m.router_type == "topk":
             probs, routing_map = apply_capacity(probs, routing_map, capacity, m.token_drop_policy,
                                                 m.pad_expert_input_to_capacity)
         if m.router_enable_expert_bias and self.training and torch._C._current_graph_task_id() == -1:
@@ -272,4 +274,4 @@ class TopKRouter(nn.Module):
         if m.router_enable_expert_bias:
             stats["expert_bias"] = self.expert_bias.detach().clone()
         mine = slice(group.index * (n // group.size), (group.index + 1) * (n // group.size))
-        return Routing(probs[mine], routing_map[mine], aux_loss, stats)
+        return Routing(probs[mine], routing_map[mine], aux_loss, stats, capacity)
