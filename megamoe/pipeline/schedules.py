@@ -1,0 +1,243 @@
+"""Pipeline schedules: no pipelining, 1F1B, and interleaved 1F1B, run by one executor.
+
+Each rank's order of work follows Megatron-LM:
+  * 1F1B (one chunk per stage): stage r of P runs min(P - r - 1, M) warm-up forwards, then alternates one forward
+    and one backward, then drains the remaining backwards.
+  * interleaved (vpp chunks per stage): micro-batches are taken in groups of P (the last group takes what is left);
+    within a group every chunk runs the group's micro-batches in order. Warm-up is 2 (P - r - 1) + (vpp - 1) P
+    forwards (everything when M == P), then one forward / one backward, backwards visiting chunks in reverse.
+  * no pipelining: every forward and backward of one micro-batch, in turn (gradient accumulation).
+Every rank simulates the whole pipeline the same way, in ticks: at each tick a rank runs its next action if the
+activation (or gradient) it needs was produced at an earlier tick. The simulation says which tensors cross which
+ranks after each tick; each rank then posts all of its sends and receives of that tick as one batched p2p
+exchange, in an order both sides derive from the table. So the exchange pattern is deadlock-free by construction
+and any M >= P works. Shapes are known ahead ([s(/tp), b, h]), so no shape is ever exchanged, and an activation
+that has been sent is freed (its autograd node stays) until its backward.
+
+Loss (Megatron-LM's): each micro-batch's masked per-token loss gives (sum, tokens); backward runs on
+sum / tokens / M, or on sum alone with per-token loss (finalize_grads then divides by the step's tokens). MoE aux
+losses get the matching gradient scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.autograd import Variable
+
+from megamoe.moe.layer import set_aux_loss_scale
+from megamoe.parallel import comm
+from megamoe.parallel.mesh import ParallelMesh
+
+FORWARD, BACKWARD = "F", "B"
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str          # "F" or "B"
+    micro_batch: int
+    virtual_stage: int
+
+
+def schedule_table(num_microbatches: int, vpp: int, group: int) -> list[tuple[int, int]]:
+    """Forward order of (micro-batch, chunk) on a stage: groups of `group` micro-batches, each through every chunk."""
+    table = []
+    for start in range(0, num_microbatches, group):
+        end = num_microbatches if start + group >= num_microbatches else start + group
+        table += [(m, c) for c in range(vpp) for m in range(start, end)]
+    return table
+
+
+def stage_actions(stage: int, pp: int, vpp: int, num_microbatches: int, forward_only: bool) -> list[Action]:
+    """The order in which pipeline stage `stage` runs its forwards and backwards (see the module docstring)."""
+    table = schedule_table(num_microbatches, vpp, pp)
+    forwards = [Action(FORWARD, m, c * pp + stage) for m, c in table]
+    if forward_only:
+        return forwards
+    backwards = [Action(BACKWARD, m, (vpp - 1 - c) * pp + stage) for m, c in table]
+    total = len(table)
+    if vpp == 1:
+        warmup = min(pp - stage - 1, num_microbatches)
+    elif num_microbatches == pp:
+        warmup = total
+    else:
+        warmup = min(2 * (pp - stage - 1) + (vpp - 1) * pp, total)
+    order = forwards[:warmup]
+    for k in range(total - warmup):
+        order += [forwards[warmup + k], backwards[k]]
+    return order + backwards[total - warmup:]
+
+
+@dataclass
+class Plan:
+    """The simulated pipeline: per tick, each rank's action (or None) and the tensors crossing ranks after it."""
+
+    ticks: list[list[Action | None]] = field(default_factory=list)
+    messages: list[list[tuple[Action, int, int]]] = field(default_factory=list)  # (produced, from rank, to rank)
+
+
+def simulate(pp: int, vpp: int, num_microbatches: int, forward_only: bool) -> Plan:
+    """Run every stage's action order against the data dependencies, tick by tick."""
+    orders = [stage_actions(r, pp, vpp, num_microbatches, forward_only) for r in range(pp)]
+    last = pp * vpp - 1
+    done: dict[tuple[str, int, int], int] = {}
+    position = [0] * pp
+    plan = Plan()
+    tick = 0
+    while any(position[r] < len(orders[r]) for r in range(pp)):
+        row: list[Action | None] = []
+        for r in range(pp):
+            action = orders[r][position[r]] if position[r] < len(orders[r]) else None
+            if action is not None:
+                m, v = action.micro_batch, action.virtual_stage
+                need = (FORWARD, m, v - 1) if action.kind == FORWARD else (BACKWARD, m, v + 1)
+                external = v > 0 if action.kind == FORWARD else v < last
+                if external and done.get(need, tick) >= tick:
+                    action = None
+            row.append(action)
+        if all(a is None for a in row):
+            raise RuntimeError(f"pipeline schedule deadlocks (pp {pp}, vpp {vpp}, micro-batches {num_microbatches})")
+        sent = []
+        for r, action in enumerate(row):
+            if action is None:
+                continue
+            position[r] += 1
+            done[action.kind, action.micro_batch, action.virtual_stage] = tick
+            v = action.virtual_stage
+            if action.kind == FORWARD and v < last:
+                sent.append((action, r, (v + 1) % pp))
+            elif action.kind == BACKWARD and v > 0:
+                sent.append((action, r, (v - 1) % pp))
+        plan.ticks.append(row)
+        plan.messages.append([msg for msg in sent if msg[1] != msg[2]])
+        tick += 1
+    return plan
+
+
+@dataclass
+class StepOutput:
+    """Per micro-batch (loss sum, loss tokens) on the last pipeline stage; empty elsewhere."""
+
+    losses: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def mean_loss(self) -> float | None:
+        """Megatron's reported loss: the mean over micro-batches of each one's per-token mean."""
+        if not self.losses:
+            return None
+        return sum((s / n).item() for s, n in self.losses) / len(self.losses)
+
+    def num_tokens(self) -> torch.Tensor:
+        return sum(n for _, n in self.losses) if self.losses else torch.zeros(())
+
+
+def _run_backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
+    # The output's data may have been freed after sending (its shape no longer matches the gradient's), so call
+    # the autograd engine directly, as Megatron-LM does.
+    Variable._execution_engine.run_backward(
+        tensors=(output,), grad_tensors=(grad if grad is not None else torch.ones_like(output),),
+        keep_graph=False, create_graph=False, inputs=tuple(), allow_unreachable=True, accumulate_grad=True)
+
+
+def forward_backward(chunks: list[nn.Module], batches: list[dict], mesh: ParallelMesh, *,
+                     forward_only: bool = False, per_token_loss: bool = False,
+                     record: list | None = None) -> StepOutput:
+    """Run every micro-batch of `batches` through this rank's model chunks, forward and (unless forward_only)
+    backward, accumulating gradients.
+
+    Args:
+        chunks: this rank's model chunks (one per virtual stage it runs, in chunk order).
+        batches: one dict per micro-batch with tokens [b, s], labels [b, s], loss_mask [b, s] and optionally
+            position_ids, attention_mask, sample_ids; every rank gets the same list.
+        record: if given, the executed actions and exchanges are appended (for tests and debugging).
+    """
+    pp, vpp, num_mb = mesh.config.pp, len(chunks), len(batches)
+    if vpp > 1 and num_mb < pp:
+        raise ValueError(f"the interleaved schedule needs at least --pipeline-model-parallel-size ({pp}) "
+                         f"micro-batches, got {num_mb}; raise --global-batch-size or lower --micro-batch-size")
+    group, me = mesh["pp"], mesh.pp_stage
+    plan = simulate(pp, vpp, num_mb, forward_only)
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+    outputs: dict[tuple[int, int], torch.Tensor] = {}
+    grads: dict[tuple[int, int], torch.Tensor] = {}
+    losses: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for row, messages in zip(plan.ticks, plan.messages):
+        action = row[me]
+        if action is not None:
+            (_forward if action.kind == FORWARD else _backward)(
+                action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss)
+            if record is not None:
+                record.append((action.kind, action.micro_batch, action.virtual_stage))
+        _exchange(messages, me, group, chunks, batches, mesh, inputs, outputs, grads, record, forward_only)
+    return StepOutput([losses[m] for m in sorted(losses)])
+
+
+def _forward(action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss):
+    m, v = action.micro_batch, action.virtual_stage
+    chunk, batch = chunks[v // mesh.config.pp], batches[m]
+    num_mb = len(batches)
+    mask = batch["loss_mask"]
+    set_aux_loss_scale(chunk, float(mask.sum()) if per_token_loss else 1.0 / num_mb)
+    with torch.set_grad_enabled(not forward_only):
+        common = dict(position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask"),
+                      sample_ids=batch.get("sample_ids"))
+        labels = batch["labels"] if chunk.post_process else None
+        if chunk.pre_process:
+            out = chunk(input_ids=batch["tokens"], labels=labels, **common)
+        else:
+            out = chunk(hidden_states=inputs[m, v], labels=labels, **common)
+        if chunk.post_process:
+            loss_sum = (out.float() * mask).sum()
+            tokens = mask.sum().to(torch.float32)
+            losses[m] = (loss_sum.detach(), tokens)
+            out = loss_sum if per_token_loss else loss_sum / tokens / num_mb
+    if not (forward_only and chunk.post_process):  # kept for its backward, or until it is sent
+        outputs[m, v] = out
+
+
+def _backward(action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss):
+    m, v = action.micro_batch, action.virtual_stage
+    output = outputs.pop((m, v))
+    _run_backward(output, grads.pop((m, v), None))
+    received = inputs.pop((m, v), None)
+    if received is not None:
+        grads[m, v - 1] = received.grad  # sent to the previous virtual stage by the exchange
+
+
+def _activation_shape(chunk, batch, mesh):
+    b, s = batch["tokens"].shape
+    s_local = s // mesh.config.tp if mesh.config.sequence_parallel else s
+    return (s_local, b, chunk.config.hidden_size)
+
+
+def _exchange(messages, me, group, chunks, batches, mesh, inputs, outputs, grads, record, forward_only):
+    sends, recvs, activations = [], [], []
+    for produced, src, dst in sorted(messages, key=lambda x: (x[0].kind, x[0].micro_batch, x[0].virtual_stage)):
+        m, v = produced.micro_batch, produced.virtual_stage
+        if src == me:
+            if produced.kind == FORWARD:
+                out = outputs.pop((m, v)) if forward_only else outputs[m, v]
+                sends.append((out.detach().clone(), dst))
+                if not forward_only:
+                    # Free the sent activation's storage; its autograd node (and so its backward) stays.
+                    out.data = torch.empty((1,), dtype=out.dtype, device=out.device)
+            else:
+                sends.append((grads.pop((m, v - 1)), dst))
+        elif dst == me:
+            chunk = chunks[0]
+            shape = _activation_shape(chunk, batches[m], mesh)
+            dtype = next(chunk.parameters()).dtype
+            buffer = torch.empty(shape, dtype=dtype, device=mesh.device)
+            recvs.append((buffer, src))
+            if produced.kind == FORWARD:
+                inputs[m, v + 1] = buffer
+                activations.append(buffer)
+            else:
+                grads[m, v - 1] = buffer
+    if record is not None and (sends or recvs):
+        record.append(("X", [d for _, d in sends], [s for _, s in recvs]))
+    if sends or recvs:
+        comm.send_recv(group, sends=sends, recvs=recvs)
+    for buffer in activations:  # a leaf of this stage's graph once filled
+        buffer.requires_grad_(not forward_only)
