@@ -1,15 +1,14 @@
 """finalize_grads: everything that must happen to gradients between the last backward and the optimizer step.
 
-In order:
-  1. sequence-parallel parameters (norms, row-parallel biases, the router under SP): each tp rank saw a sequence
-     shard, so their gradients are summed over tp;
-  2. tied word embeddings on different pipeline stages: the first stage's embedding and the last stage's output
+In order (all are sums, so the order only matters for what is still local):
+  1. tied word embeddings on different pipeline stages: the first stage's embedding and the last stage's output
      layer are one parameter, so their gradients are summed over the embedding group;
-  3. data parallelism: dense gradients are summed over dp x cp, expert gradients over expert-dp, then divided by
-     dp (the loss is a mean over replicas; an expert's replicas together saw every dp replica's tokens), or, with
-     per-token loss, by the global batch's token count.
-This is the plain version (one all-reduce per parameter); bucketed, overlapped and sharded reductions replace
-step 3 with the distributed optimizer.
+  2. data parallelism: dense gradients are summed over dp x cp, expert gradients over expert-dp (by the
+     DistributedDataParallel buckets when given, else one all-reduce per parameter);
+  3. sequence-parallel parameters (norms, row-parallel biases, the router under SP): each tp rank saw a sequence
+     shard, so their gradients are summed over tp;
+  4. division by dp (the loss is a mean over replicas; an expert's replicas together saw every dp replica's
+     tokens), or, with per-token loss, by the global batch's token count.
 """
 
 from __future__ import annotations
@@ -27,25 +26,38 @@ TIED_OUTPUT = "output_layer.weight"
 def _grads(chunks: list[nn.Module]):
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            if param.grad is not None:
-                yield chunk, name, param
+            grad = getattr(param, "main_grad", None)
+            grad = grad if grad is not None else param.grad
+            if grad is not None:
+                yield chunk, name, param, grad
 
 
-def finalize_grads(chunks: list[nn.Module], mesh: ParallelMesh, num_tokens: torch.Tensor | None = None) -> None:
+def finalize_grads(chunks: list[nn.Module], mesh: ParallelMesh, num_tokens: torch.Tensor | None = None,
+                   ddps: list | None = None) -> None:
     """Reduce the gradients of this rank's model chunks in place.
 
     Args:
         num_tokens: with per-token loss, the step's loss tokens as counted on the last pipeline stage (any value
             elsewhere); broadcast over pp, summed over dp and used as the divisor. None: per-micro-batch mean.
+        ddps: the chunks' DistributedDataParallel wrappers, when gradients live in their buffers; their buckets
+            (some perhaps already reduced during backward) do the data-parallel step.
     """
-    for _, _, param in _grads(chunks):
-        if param.spec.sequence_parallel:
-            comm.all_reduce(param.grad, mesh["tp"])
     if mesh.config.pp > 1 and mesh["embd"] is not None:
-        for chunk, name, param in _grads(chunks):
+        # Before the data-parallel step: with the distributed optimizer each stage keeps only its own shard after.
+        for chunk, name, _, grad in _grads(chunks):
             tied = not chunk.config.untie_embeddings_and_output_weights
             if tied and (name == WORD_EMBEDDING or name == TIED_OUTPUT):
-                comm.all_reduce(param.grad, mesh["embd"])
+                comm.all_reduce(grad, mesh["embd"])
+    if ddps is not None:
+        for ddp in ddps:
+            ddp.finish_grad_sync()
+    else:
+        for _, _, param, grad in _grads(chunks):
+            comm.all_reduce(grad, mesh["edp"] if param.spec.experts is not None else mesh["dp_cp"])
+    # tp ranks hold the same buffer layout, so even a sharded buffer's valid shard adds up correctly here.
+    for _, _, param, grad in _grads(chunks):
+        if param.spec.sequence_parallel:
+            comm.all_reduce(grad, mesh["tp"])
     if num_tokens is not None:
         # Only the last pipeline stage computed the loss: it tells the others, then replicas add up.
         total = num_tokens.detach().clone().to(torch.float64).reshape(1)
@@ -54,6 +66,5 @@ def finalize_grads(chunks: list[nn.Module], mesh: ParallelMesh, num_tokens: torc
         divisor = total.item()
     else:
         divisor = mesh.config.dp
-    for _, _, param in _grads(chunks):
-        comm.all_reduce(param.grad, mesh["edp"] if param.spec.experts is not None else mesh["dp_cp"])
-        param.grad.div_(divisor)
+    for _, _, _, grad in _grads(chunks):
+        grad.div_(divisor)

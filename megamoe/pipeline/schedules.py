@@ -141,8 +141,8 @@ def _run_backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
 
 
 def forward_backward(chunks: list[nn.Module], batches: list[dict], mesh: ParallelMesh, *,
-                     forward_only: bool = False, per_token_loss: bool = False,
-                     record: list | None = None) -> StepOutput:
+                     forward_only: bool = False, per_token_loss: bool = False, record: list | None = None,
+                     grad_scale: float = 1.0, ddps: list | None = None) -> StepOutput:
     """Run every micro-batch of `batches` through this rank's model chunks, forward and (unless forward_only)
     backward, accumulating gradients.
 
@@ -151,6 +151,9 @@ def forward_backward(chunks: list[nn.Module], batches: list[dict], mesh: Paralle
         batches: one dict per micro-batch with tokens [b, s], labels [b, s], loss_mask [b, s] and optionally
             position_ids, attention_mask, sample_ids; every rank gets the same list.
         record: if given, the executed actions and exchanges are appended (for tests and debugging).
+        grad_scale: multiplies what backward starts from (the fp16 loss scale).
+        ddps: the chunks' DistributedDataParallel wrappers; overlapped gradient reduction is enabled only during
+            each chunk's last backward of the step.
     """
     pp, vpp, num_mb = mesh.config.pp, len(chunks), len(batches)
     if vpp > 1 and num_mb < pp:
@@ -162,23 +165,30 @@ def forward_backward(chunks: list[nn.Module], batches: list[dict], mesh: Paralle
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     grads: dict[tuple[int, int], torch.Tensor] = {}
     losses: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    backwards_done = [0] * vpp
     for row, messages in zip(plan.ticks, plan.messages):
         action = row[me]
         if action is not None:
+            if action.kind == BACKWARD and ddps is not None:
+                chunk = action.virtual_stage // pp
+                ddps[chunk].grad_sync_enabled = backwards_done[chunk] == num_mb - 1
+                backwards_done[chunk] += 1
             (_forward if action.kind == FORWARD else _backward)(
-                action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss)
+                action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss,
+                grad_scale)
             if record is not None:
                 record.append((action.kind, action.micro_batch, action.virtual_stage))
         _exchange(messages, me, group, chunks, batches, mesh, inputs, outputs, grads, record, forward_only)
     return StepOutput([losses[m] for m in sorted(losses)])
 
 
-def _forward(action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss):
+def _forward(action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss,
+             grad_scale):
     m, v = action.micro_batch, action.virtual_stage
     chunk, batch = chunks[v // mesh.config.pp], batches[m]
     num_mb = len(batches)
     mask = batch["loss_mask"]
-    set_aux_loss_scale(chunk, float(mask.sum()) if per_token_loss else 1.0 / num_mb)
+    set_aux_loss_scale(chunk, grad_scale * (float(mask.sum()) if per_token_loss else 1.0 / num_mb))
     with torch.set_grad_enabled(not forward_only):
         common = dict(position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask"),
                       sample_ids=batch.get("sample_ids"))
@@ -191,12 +201,13 @@ def _forward(action, chunks, batches, mesh, inputs, outputs, grads, losses, forw
             loss_sum = (out.float() * mask).sum()
             tokens = mask.sum().to(torch.float32)
             losses[m] = (loss_sum.detach(), tokens)
-            out = loss_sum if per_token_loss else loss_sum / tokens / num_mb
+            out = (loss_sum if per_token_loss else loss_sum / tokens / num_mb) * grad_scale
     if not (forward_only and chunk.post_process):  # kept for its backward, or until it is sent
         outputs[m, v] = out
 
 
-def _backward(action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss):
+def _backward(action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss,
+              grad_scale):
     m, v = action.micro_batch, action.virtual_stage
     output = outputs.pop((m, v))
     _run_backward(output, grads.pop((m, v), None))

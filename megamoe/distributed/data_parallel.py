@@ -1,0 +1,165 @@
+"""Data parallelism: contiguous gradient (and parameter) buffers, buckets in backward order, their reduction.
+
+Each model chunk's parameters are packed into one buffer per reduction group: dense parameters reduce over
+dp x cp, expert parameters over expert-dp. A buffer holds
+    grad   fp32, where every parameter's gradient accumulates (param.main_grad is a view); with bf16/fp16
+           parameters this is the fp32 accumulation the mixed-precision optimizer needs;
+    param  the parameters themselves (param.data is a view), so the distributed optimizer can all-gather updated
+           shards straight into them.
+Parameters are laid out in reverse registration order (roughly the order backward produces gradients) and cut
+into buckets of about bucket_size elements, each padded to a multiple of the group size so it splits into equal
+shards. A post-accumulate hook moves each gradient into main_grad; with overlap_grad_reduce the bucket's
+reduction (all-reduce, or reduce-scatter into this rank's shard under the distributed optimizer) starts as soon as
+its last gradient arrives on the last micro-batch. finish_grad_sync() starts what is left and waits.
+Tied embedding weights on separate pipeline stages sit in a bucket of their own that is never overlapped, so
+finalize_grads can add the two stages' gradients before that bucket is reduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from megamoe.parallel import comm
+from megamoe.parallel.group import AxisGroup
+from megamoe.parallel.mesh import ParallelMesh
+
+TIED_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+@dataclass(frozen=True)
+class DDPConfig:
+    """Megatron-LM's flags: --ddp-bucket-size (elements; None: max(40M, 1M x dp)), --overlap-grad-reduce,
+    --use-distributed-optimizer."""
+
+    bucket_size: int | None = None
+    overlap_grad_reduce: bool = False
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bucket_size is not None and self.bucket_size <= 0:
+            raise ValueError(f"--ddp-bucket-size must be > 0, got {self.bucket_size}")
+
+
+@dataclass
+class Bucket:
+    """A contiguous range [start, end) of a buffer and the parameters in it."""
+
+    start: int
+    end: int
+    params: list[nn.Parameter]
+    overlap: bool = True
+    ready: int = 0
+    pending: object | None = None
+    shard_output: torch.Tensor | None = None
+
+    def shard(self, group: AxisGroup) -> tuple[int, int]:
+        """This rank's [start, end) of the bucket under the distributed optimizer."""
+        size = (self.end - self.start) // group.size
+        return self.start + group.index * size, self.start + (group.index + 1) * size
+
+
+@dataclass
+class GradBuffer:
+    """One reduction group's parameters and fp32 gradients, packed (see the module docstring)."""
+
+    group: AxisGroup
+    grad: torch.Tensor
+    param: torch.Tensor
+    buckets: list[Bucket]
+    offsets: dict[nn.Parameter, int] = field(default_factory=dict)
+
+
+def _pack(named: list[tuple[str, nn.Parameter]], group: AxisGroup, bucket_size: int, device) -> GradBuffer:
+    # Buckets: consecutive parameters until bucket_size is reached; tied weights alone, last, never overlapped.
+    late = [(n, p) for n, p in named if n in TIED_NAMES and getattr(p, "late_reduction", False)]
+    regular = [(n, p) for n, p in named if not (n in TIED_NAMES and getattr(p, "late_reduction", False))]
+    plan, current = [], []
+    for _, p in regular:
+        current.append(p)
+        if sum(q.numel() for q in current) >= bucket_size:
+            plan.append((current, True))
+            current = []
+    if current:
+        plan.append((current, True))
+    if late:
+        plan.append(([p for _, p in late], False))
+    dtype = named[0][1].dtype
+    offsets, buckets, position = {}, [], 0
+    for params, overlap in plan:
+        start = position
+        for p in params:
+            offsets[p] = position
+            position += p.numel()
+        position = start + -(-(position - start) // group.size) * group.size  # pad to equal shards
+        buckets.append(Bucket(start, position, params, overlap))
+    grad = torch.zeros(position, dtype=torch.float32, device=device)
+    param = torch.zeros(position, dtype=dtype, device=device)
+    for p, off in offsets.items():
+        param[off:off + p.numel()].copy_(p.detach().reshape(-1))
+        p.data = param[off:off + p.numel()].view_as(p)
+        p.main_grad = grad[off:off + p.numel()].view_as(p)
+    return GradBuffer(group, grad, param, buckets, offsets)
+
+
+class DistributedDataParallel:
+    """Gradient buffers and their data-parallel reduction for one model chunk.
+
+    Args:
+        module: the model chunk (its parameters must carry ParamSpecs).
+        mesh: the layout (dense parameters reduce over mesh["dp_cp"], experts over mesh["edp"]).
+        config: bucket size, overlap, distributed optimizer.
+    """
+
+    def __init__(self, module: nn.Module, mesh: ParallelMesh, config: DDPConfig) -> None:
+        self.module, self.mesh, self.config = module, mesh, config
+        self.grad_sync_enabled = True
+        tied = (mesh.config.pp > 1 and not module.config.untie_embeddings_and_output_weights)
+        named = list(module.named_parameters())
+        for name, p in named:
+            p.late_reduction = tied and name in TIED_NAMES
+        bucket_size = config.bucket_size or max(40_000_000, 1_000_000 * mesh.config.dp)
+        self.buffers: list[GradBuffer] = []
+        for is_expert, group in ((False, mesh["dp_cp"]), (True, mesh["edp"])):
+            members = [(n, p) for n, p in reversed(named) if (p.spec.experts is not None) == is_expert]
+            if members:
+                self.buffers.append(_pack(members, group, bucket_size, mesh.device))
+        self._bucket_of = {p: (buf, b) for buf in self.buffers for b in buf.buckets for p in b.params}
+        for _, p in named:
+            p.register_post_accumulate_grad_hook(self._hook)
+
+    def _hook(self, param: nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if self.config.overlap_grad_reduce and self.grad_sync_enabled:
+            buffer, bucket = self._bucket_of[param]
+            bucket.ready += 1
+            if bucket.overlap and bucket.ready == len(bucket.params):
+                self._start(buffer, bucket)
+
+    def _start(self, buffer: GradBuffer, bucket: Bucket) -> None:
+        data = buffer.grad[bucket.start:bucket.end]
+        if self.config.use_distributed_optimizer:
+            lo, hi = bucket.shard(buffer.group)
+            bucket.shard_output = torch.empty(hi - lo, dtype=data.dtype, device=data.device)
+            bucket.pending = comm.reduce_scatter_tensor(bucket.shard_output, data, buffer.group, async_op=True)
+        else:
+            bucket.pending = comm.all_reduce(data, buffer.group, async_op=True)
+
+    def finish_grad_sync(self) -> None:
+        """Reduce every bucket not reduced yet, wait for all, and reset for the next step's backward."""
+        for buffer in self.buffers:
+            for bucket in buffer.buckets:
+                if bucket.pending is None:
+                    self._start(buffer, bucket)
+                bucket.pending.wait()
+                if bucket.shard_output is not None:
+                    lo, hi = bucket.shard(buffer.group)
+                    buffer.grad[lo:hi].copy_(bucket.shard_output)
+                bucket.pending, bucket.shard_output, bucket.ready = None, None, 0
+
+    def zero_grad(self) -> None:
+        for buffer in self.buffers:
+            buffer.grad.zero_()

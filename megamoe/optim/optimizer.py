@@ -1,0 +1,219 @@
+"""The optimizer: fp32 main parameters, AdamW or SGD, replicated or sharded (ZeRO-1), loss scaling, clipping.
+
+It works on the flat buffers of DistributedDataParallel (data_parallel.py). Each buffer is one *region* per rank:
+the whole buffer when the optimizer is replicated, or this rank's shard of every bucket with
+--use-distributed-optimizer. A region keeps
+    main    fp32 master values (a view of the parameter buffer for fp32 models, a copy for bf16/fp16),
+    state   AdamW's exp_avg and exp_avg_sq, or SGD's momentum, as flat fp32 tensors,
+    masks   weight decay (not on biases and norms: 1-D parameters) and "counted here" for the gradient norm.
+A step: (fp16) unscale and skip the step if any gradient is inf/NaN anywhere; global gradient norm; clip; update
+main values; write them into the parameters; (sharded) all-gather every bucket's updated parameters.
+
+The gradient norm counts every gradient element exactly once over all ranks: tensor-parallel shards add up,
+parameters replicated over tp count on tp rank 0, a tied output layer on the last stage is not counted (its
+embedding is), and data-parallel replicas count once (or each its own shard when sharded).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megamoe.distributed.data_parallel import DistributedDataParallel, GradBuffer
+from megamoe.optim.grad_scaler import DynamicLossScaler
+from megamoe.optim.lr_scheduler import ScheduleConfig, learning_rate, weight_decay
+from megamoe.parallel import comm
+from megamoe.parallel.mesh import ParallelMesh
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Megatron-LM's flags: --optimizer, --adam-beta1/2, --adam-eps, --sgd-momentum, --clip-grad, --bf16, --fp16,
+    --initial-loss-scale, --min-loss-scale, --loss-scale-window, --hysteresis, --loss-scale (static),
+    --use-distributed-optimizer. Learning rate and weight decay come from the schedule."""
+
+    optimizer: str = "adam"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    clip_grad: float = 1.0
+    bf16: bool = False
+    fp16: bool = False
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    loss_scale: float | None = None
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.fp16 and self.bf16:
+            problems.append("--fp16 and --bf16 exclude each other; pick one")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"--optimizer must be one of {OPTIMIZERS} (the ones --use-distributed-optimizer can "
+                            f"shard), got {self.optimizer!r}")
+        if self.clip_grad < 0:
+            problems.append(f"--clip-grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            problems.append("--adam-beta1 and --adam-beta2 must be in [0, 1)")
+        if self.fp16 and (self.min_loss_scale <= 0 or self.initial_loss_scale < self.min_loss_scale):
+            problems.append("--initial-loss-scale must be >= --min-loss-scale > 0")
+        if self.hysteresis < 1 or self.loss_scale_window < 1:
+            problems.append("--hysteresis and --loss-scale-window must be >= 1")
+        if problems:
+            raise ValueError("invalid optimizer config:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class _Region:
+    buffer: GradBuffer
+    lo: int
+    hi: int
+    main: torch.Tensor
+    state: list[torch.Tensor]
+    decay: torch.Tensor
+    counted: torch.Tensor
+    bucket_range: tuple[int, int] | None = None  # the bucket whose parameters are all-gathered after the update
+
+    @property
+    def grad(self) -> torch.Tensor:
+        return self.buffer.grad[self.lo:self.hi]
+
+
+def _masks(buffer: GradBuffer, lo: int, hi: int, mesh: ParallelMesh, replicated: bool, tied_copy: set):
+    decay = torch.zeros(hi - lo, device=buffer.grad.device)
+    counted = torch.zeros(hi - lo, device=buffer.grad.device)
+    tp0 = mesh.coordinates["tp"] == 0
+    for p, off in buffer.offsets.items():
+        a, b = max(lo, off), min(hi, off + p.numel())
+        if a >= b:
+            continue
+        spec = p.spec
+        decay[a - lo:b - lo] = 1.0 if p.dim() > 1 else 0.0
+        replicated_over_tp = spec.shard_dim is None and spec.experts is None
+        count = (tp0 or not replicated_over_tp) and id(p) not in tied_copy
+        if replicated:  # a data-parallel replica of the same values: count on the group's first rank only
+            count = count and buffer.group.index == 0
+        counted[a - lo:b - lo] = 1.0 if count else 0.0
+    return decay, counted
+
+
+class MegatronOptimizer:
+    """AdamW or SGD over DistributedDataParallel buffers (see the module docstring).
+
+    Args:
+        ddps: one per model chunk of this rank.
+        mesh: the layout.
+        config: optimizer options.
+        schedule: learning rate and weight decay per iteration.
+    """
+
+    def __init__(self, ddps: list[DistributedDataParallel], mesh: ParallelMesh, config: OptimizerConfig,
+                 schedule: ScheduleConfig) -> None:
+        sharded = config.use_distributed_optimizer
+        if any(d.config.use_distributed_optimizer != sharded for d in ddps):
+            raise ValueError("--use-distributed-optimizer must be set for both the gradient buffers and the optimizer")
+        self.mesh, self.config, self.schedule = mesh, config, schedule
+        self.iteration, self.skipped_iterations = 0, 0
+        self.scaler = DynamicLossScaler(config) if config.fp16 else None
+        self.regions: list[_Region] = []
+        for ddp in ddps:
+            tied_copy = {id(p) for n, p in ddp.module.named_parameters()
+                         if n == "output_layer.weight" and getattr(p, "late_reduction", False)}
+            for buffer in ddp.buffers:
+                spans = ([(b.shard(buffer.group), (b.start, b.end)) for b in buffer.buckets] if sharded
+                         else [((0, buffer.grad.numel()), None)])
+                for (lo, hi), bucket_range in spans:
+                    param = buffer.param[lo:hi]
+                    main = param if param.dtype == torch.float32 else param.detach().float().clone()
+                    slots = 2 if config.optimizer == "adam" else 1
+                    state = [torch.zeros_like(main, dtype=torch.float32) for _ in range(slots)]
+                    decay, counted = _masks(buffer, lo, hi, mesh, not sharded, tied_copy)
+                    self.regions.append(_Region(buffer, lo, hi, main, state, decay, counted, bucket_range))
+
+    @property
+    def loss_scale(self) -> float:
+        """Multiply the loss by this before backward (1 unless --fp16)."""
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state on this rank: moments, plus fp32 main copies for bf16/fp16 models."""
+        total = 0
+        for r in self.regions:
+            total += sum(s.numel() * s.element_size() for s in r.state)
+            if r.main.data_ptr() != r.buffer.param[r.lo:r.hi].data_ptr():
+                total += r.main.numel() * r.main.element_size()
+        return total
+
+    def grad_norm(self) -> float:
+        """The global L2 norm of the gradients, every element counted once over all ranks."""
+        local = torch.zeros(1, dtype=torch.float64, device=self.mesh.device)
+        for r in self.regions:
+            local += (r.grad.double().square() * r.counted).sum()
+        comm.all_reduce(local, self.mesh.world)
+        return math.sqrt(local.item())
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, float | None]:
+        """One update. Returns (applied, grad norm); with --fp16 an inf/NaN gradient skips the update."""
+        if self.scaler is not None:
+            inverse = 1.0 / self.scaler.scale
+            found = torch.zeros(1, device=self.mesh.device)
+            for r in self.regions:
+                r.grad.mul_(inverse)
+                found = torch.maximum(found, (~torch.isfinite(r.grad)).any().float().reshape(1))
+            comm.all_reduce(found, self.mesh.world, op=comm.ReduceOp.MAX)
+            overflow = bool(found.item())
+            self.scaler.update(overflow)
+            if overflow:
+                self.skipped_iterations += 1
+                return False, None
+        norm = self.grad_norm()
+        if self.config.clip_grad > 0:
+            coeff = self.config.clip_grad / (norm + 1e-6)
+            if coeff < 1.0:
+                for r in self.regions:
+                    r.grad.mul_(coeff)
+        self.iteration += 1
+        lr = learning_rate(self.schedule, self.iteration - 1)
+        wd = weight_decay(self.schedule, self.iteration - 1)
+        for r in self.regions:
+            (self._adam if self.config.optimizer == "adam" else self._sgd)(r, lr, wd)
+            if r.main.data_ptr() != r.buffer.param[r.lo:r.hi].data_ptr():
+                r.buffer.param[r.lo:r.hi].copy_(r.main)
+            if r.bucket_range is not None:
+                start, end = r.bucket_range
+                comm.all_gather_into_tensor(r.buffer.param[start:end], r.buffer.param[r.lo:r.hi].clone(),
+                                            r.buffer.group)
+        return True, norm
+
+    def _adam(self, r: _Region, lr: float, wd: float) -> None:
+        # Element for element what torch.optim.AdamW does (decoupled weight decay, bias-corrected moments).
+        c, g, p = self.config, r.grad, r.main
+        exp_avg, exp_avg_sq = r.state
+        p.mul_(1 - lr * wd * r.decay)
+        exp_avg.lerp_(g, 1 - c.adam_beta1)
+        exp_avg_sq.mul_(c.adam_beta2).addcmul_(g, g, value=1 - c.adam_beta2)
+        step_size = lr / (1 - c.adam_beta1 ** self.iteration)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - c.adam_beta2 ** self.iteration)).add_(c.adam_eps)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _sgd(self, r: _Region, lr: float, wd: float) -> None:
+        # torch.optim.SGD: coupled weight decay, momentum buffer starting at the first gradient.
+        g = r.grad + wd * r.decay * r.main
+        (buf,) = r.state
+        if self.iteration == 1:
+            buf.copy_(g)
+        else:
+            buf.mul_(self.config.sgd_momentum).add_(g)
+        r.main.add_(buf if self.config.sgd_momentum else g, alpha=-lr)
+
+    def zero_grad(self, ddps: list[DistributedDataParallel]) -> None:
+        for ddp in ddps:
+            ddp.zero_grad()
