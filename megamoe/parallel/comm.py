@@ -20,6 +20,9 @@ import torch.distributed as dist
 from megamoe.parallel.group import AxisGroup
 
 ReduceOp = dist.ReduceOp
+# torch 2.13 renamed the flat all-gather / reduce-scatter; older releases only have the first names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class CollectiveError(RuntimeError):
@@ -94,8 +97,8 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: Axi
         return Pending(group, "all_gather") if async_op else None
     s = _nbytes(input)
     return _launch(group, "all_gather", s, (n - 1) * s, async_op,
-                   lambda: dist.all_gather_into_tensor(output, input.contiguous(), group=group.process_group,
-                                                       async_op=async_op))
+                   lambda: _all_gather_flat(output, input.contiguous(), group=group.process_group,
+                                            async_op=async_op))
 
 
 def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group: AxisGroup, op=ReduceOp.SUM,
@@ -110,8 +113,8 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group: Axis
         return Pending(group, "reduce_scatter") if async_op else None
     s = _nbytes(input)
     return _launch(group, "reduce_scatter", s, (n - 1) * s // n, async_op,
-                   lambda: dist.reduce_scatter_tensor(output, input.contiguous(), op=op, group=group.process_group,
-                                                      async_op=async_op))
+                   lambda: _reduce_scatter_flat(output, input.contiguous(), op=op, group=group.process_group,
+                                                async_op=async_op))
 
 
 def all_to_all_single(output: torch.Tensor, input: torch.Tensor, group: AxisGroup,
