@@ -16,6 +16,7 @@ embedding is), and data-parallel replicas count once (or each its own shard when
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -123,6 +124,7 @@ class MegatronOptimizer:
         self.iteration, self.skipped_iterations = 0, 0
         self.scaler = DynamicLossScaler(config) if config.fp16 else None
         self.regions: list[_Region] = []
+        self._names = {id(p): n for d in ddps for n, p in d.module.named_parameters()}
         for ddp in ddps:
             tied_copy = {id(p) for n, p in ddp.module.named_parameters()
                          if n == "output_layer.weight" and getattr(p, "late_reduction", False)}
@@ -213,6 +215,52 @@ class MegatronOptimizer:
         else:
             buf.mul_(self.config.sgd_momentum).add_(g)
         r.main.add_(buf if self.config.sgd_momentum else g, alpha=-lr)
+
+    # State dicts -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Counters, loss scaler, and per parameter (by global name) this rank's piece of its optimizer state.
+
+        Each piece says what it covers: the parameter's ParamSpec (global shape, tp/etp shard, experts) and the
+        [start, end) range of the flattened local shard, so a checkpoint can place it in the global tensor.
+        """
+        pieces = {}
+        for r in self.regions:
+            for p, off in r.buffer.offsets.items():
+                a, b = max(r.lo, off), min(r.hi, off + p.numel())
+                if a >= b:
+                    continue
+                pieces[self._names[id(p)]] = {
+                    "spec": dataclasses.asdict(p.spec), "flat": (a - off, b - off),
+                    "main": r.main[a - r.lo:b - r.lo].clone(),
+                    "state": [t[a - r.lo:b - r.lo].clone() for t in r.state]}
+        scaler = None if self.scaler is None else dict(vars(self.scaler))
+        return {"iteration": self.iteration, "skipped_iterations": self.skipped_iterations, "scaler": scaler,
+                "params": pieces}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict() saved under the same layout (checkpoint tools reshard across layouts)."""
+        self.iteration, self.skipped_iterations = state["iteration"], state["skipped_iterations"]
+        if self.scaler is not None and state["scaler"] is not None:
+            vars(self.scaler).update(state["scaler"])
+        mine = self.state_dict()["params"]
+        if set(mine) != set(state["params"]):
+            missing = sorted(set(mine) ^ set(state["params"]))[:5]
+            raise ValueError(f"optimizer state does not match this model: first differing parameters {missing}")
+        for r in self.regions:
+            for p, off in r.buffer.offsets.items():
+                a, b = max(r.lo, off), min(r.hi, off + p.numel())
+                if a >= b:
+                    continue
+                piece = state["params"][self._names[id(p)]]
+                if tuple(piece["flat"]) != (a - off, b - off) or piece["spec"] != dataclasses.asdict(p.spec):
+                    raise ValueError(f"optimizer state of {self._names[id(p)]} was saved under another layout; "
+                                     f"reshard it with the checkpoint tools")
+                r.main[a - r.lo:b - r.lo].copy_(piece["main"])
+                for t, saved in zip(r.state, piece["state"]):
+                    t[a - r.lo:b - r.lo].copy_(saved)
+                if r.main.data_ptr() != r.buffer.param[r.lo:r.hi].data_ptr():
+                    r.buffer.param[a:b].copy_(piece["main"])
 
     def zero_grad(self, ddps: list[DistributedDataParallel]) -> None:
         for ddp in ddps:
