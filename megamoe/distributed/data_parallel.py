@@ -32,15 +32,20 @@ TIED_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
 @dataclass(frozen=True)
 class DDPConfig:
     """Megatron-LM's flags: --ddp-bucket-size (elements; None: max(40M, 1M x dp)), --overlap-grad-reduce,
-    --use-distributed-optimizer."""
+    --use-distributed-optimizer, --overlap-param-gather (the optimizer's parameter all-gathers run in the
+    background and each module waits, just before its forward, for the buckets holding its parameters)."""
 
     bucket_size: int | None = None
     overlap_grad_reduce: bool = False
     use_distributed_optimizer: bool = False
+    overlap_param_gather: bool = False
 
     def __post_init__(self) -> None:
         if self.bucket_size is not None and self.bucket_size <= 0:
             raise ValueError(f"--ddp-bucket-size must be > 0, got {self.bucket_size}")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are "
+                             "gathered)")
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Bucket:
     ready: int = 0
     pending: object | None = None
     shard_output: torch.Tensor | None = None
+    param_gather: object | None = None  # the optimizer's all-gather of this bucket's parameters, in flight
 
     def shard(self, group: AxisGroup) -> tuple[int, int]:
         """This rank's [start, end) of the bucket under the distributed optimizer."""
@@ -129,6 +135,34 @@ class DistributedDataParallel:
         self._bucket_of = {p: (buf, b) for buf in self.buffers for b in buf.buckets for p in b.params}
         for _, p in named:
             p.register_post_accumulate_grad_hook(self._hook)
+        if config.overlap_param_gather:
+            self._register_param_waits()
+
+    def _register_param_waits(self) -> None:
+        # Each module waits, before its forward, for the buckets holding its own parameters. A parameter holder
+        # whose forward is never called (the experts' weights) is waited for by its parent, which uses them.
+        modules = dict(self.module.named_modules())
+        users: dict[nn.Module, set[int]] = {}
+        for name, module in modules.items():
+            own = list(module.parameters(recurse=False))
+            if own:
+                user = module if _is_called(module) else modules[name.rpartition(".")[0]]
+                users.setdefault(user, set()).update(id(self._bucket_of[p][1]) for p in own)
+        bucket_by_id = {id(b): b for buffer in self.buffers for b in buffer.buckets}
+        for user, ids in users.items():
+            buckets = tuple(bucket_by_id[i] for i in sorted(ids))
+            user.register_forward_pre_hook(lambda _module, _args, buckets=buckets: self._wait(buckets))
+
+    @staticmethod
+    def _wait(buckets) -> None:
+        for bucket in buckets:
+            if bucket.param_gather is not None:
+                bucket.param_gather.wait()
+                bucket.param_gather = None
+
+    def finish_param_sync(self) -> None:
+        """Wait for every parameter all-gather still in flight (before reading parameters outside a forward)."""
+        self._wait([b for buffer in self.buffers for b in buffer.buckets])
 
     def _hook(self, param: nn.Parameter) -> None:
         param.main_grad.add_(param.grad)
@@ -163,3 +197,8 @@ class DistributedDataParallel:
     def zero_grad(self) -> None:
         for buffer in self.buffers:
             buffer.grad.zero_()
+
+
+def _is_called(module: nn.Module) -> bool:
+    """Whether a leaf module's own forward is called: pure parameter holders (no forward of their own) are not."""
+    return type(module).forward is not nn.Module.forward

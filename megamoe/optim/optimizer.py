@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megamoe.distributed.data_parallel import DistributedDataParallel, GradBuffer
+from megamoe.distributed.data_parallel import Bucket, DistributedDataParallel, GradBuffer
 from megamoe.optim.grad_scaler import DynamicLossScaler
 from megamoe.optim.lr_scheduler import ScheduleConfig, learning_rate, weight_decay
 from megamoe.parallel import comm
@@ -80,7 +80,7 @@ class _Region:
     state: list[torch.Tensor]
     decay: torch.Tensor
     counted: torch.Tensor
-    bucket_range: tuple[int, int] | None = None  # the bucket whose parameters are all-gathered after the update
+    bucket: Bucket | None = None  # sharded: the bucket whose parameters are all-gathered after the update
 
     @property
     def grad(self) -> torch.Tensor:
@@ -123,21 +123,22 @@ class MegatronOptimizer:
         self.mesh, self.config, self.schedule = mesh, config, schedule
         self.iteration, self.skipped_iterations = 0, 0
         self.scaler = DynamicLossScaler(config) if config.fp16 else None
+        self.overlap_param_gather = any(d.config.overlap_param_gather for d in ddps)
         self.regions: list[_Region] = []
         self._names = {id(p): n for d in ddps for n, p in d.module.named_parameters()}
         for ddp in ddps:
             tied_copy = {id(p) for n, p in ddp.module.named_parameters()
                          if n == "output_layer.weight" and getattr(p, "late_reduction", False)}
             for buffer in ddp.buffers:
-                spans = ([(b.shard(buffer.group), (b.start, b.end)) for b in buffer.buckets] if sharded
+                spans = ([(b.shard(buffer.group), b) for b in buffer.buckets] if sharded
                          else [((0, buffer.grad.numel()), None)])
-                for (lo, hi), bucket_range in spans:
+                for (lo, hi), bucket in spans:
                     param = buffer.param[lo:hi]
                     main = param if param.dtype == torch.float32 else param.detach().float().clone()
                     slots = 2 if config.optimizer == "adam" else 1
                     state = [torch.zeros_like(main, dtype=torch.float32) for _ in range(slots)]
                     decay, counted = _masks(buffer, lo, hi, mesh, not sharded, tied_copy)
-                    self.regions.append(_Region(buffer, lo, hi, main, state, decay, counted, bucket_range))
+                    self.regions.append(_Region(buffer, lo, hi, main, state, decay, counted, bucket))
 
     @property
     def loss_scale(self) -> float:
@@ -189,10 +190,14 @@ class MegatronOptimizer:
             (self._adam if self.config.optimizer == "adam" else self._sgd)(r, lr, wd)
             if r.main.data_ptr() != r.buffer.param[r.lo:r.hi].data_ptr():
                 r.buffer.param[r.lo:r.hi].copy_(r.main)
-            if r.bucket_range is not None:
-                start, end = r.bucket_range
-                comm.all_gather_into_tensor(r.buffer.param[start:end], r.buffer.param[r.lo:r.hi].clone(),
-                                            r.buffer.group)
+            if r.bucket is not None:
+                b = r.bucket
+                pending = comm.all_gather_into_tensor(r.buffer.param[b.start:b.end], r.buffer.param[r.lo:r.hi].clone(),
+                                                      r.buffer.group, async_op=True)
+                if self.overlap_param_gather:
+                    b.param_gather = pending  # waited for by the forward pre-hooks of the modules using it
+                else:
+                    pending.wait()
         return True, norm
 
     def _adam(self, r: _Region, lr: float, wd: float) -> None:

@@ -47,6 +47,8 @@ def train_megamoe(model_kwargs, parallel, ddp_kwargs, clip):
         finalize_grads(chunks, mesh, ddps=ddps)
         norms.append(opt.step()[1])
         opt.zero_grad(ddps)
+    for ddp in ddps:
+        ddp.finish_param_sync()
     params = {n: (p.detach().clone(), p.spec) for c in chunks for n, p in c.named_parameters()}
     sizes = [(b.grad.numel(), sum(p.numel() for p in b.offsets), b.group.size, len(b.buckets))
              for d in ddps for b in d.buffers]
@@ -222,3 +224,35 @@ def test_optimizer_state_round_trip_resumes_bitwise(dist_run):
         assert "decoder.layers.0.self_attention.linear_qkv.weight" in names  # keyed by global name
         for name in a:
             assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("world, parallel, kwargs", [(2, dict(), VARIANTS["gpt"]),
+                                                     (4, dict(ep=2), MOE)])
+def test_overlapped_param_gather_changes_nothing(dist_run, world, parallel, kwargs):
+    plain = dist_run(world, _body, kwargs, parallel, dict(**DO, bucket_size=2000), 0.5)
+    overlapped = dist_run(world, _body, kwargs, parallel, dict(**DO, **OVERLAP, overlap_param_gather=True), 0.5)
+    for a, b in zip(plain, overlapped):
+        assert a["norms"] == b["norms"]
+        for name, (piece, _) in a["params"].items():
+            assert torch.equal(piece, b["params"][name][0]), name
+
+
+def _gather_in_flight_body():
+    mesh = ParallelMesh(ParallelConfig(world_size=dist.get_world_size(), ep=2))
+    cfg = make_config(**MOE)
+    model = GPTModel(cfg, mesh, seed=SEED)
+    ddp = DistributedDataParallel(model, mesh, DDPConfig(**DO, **OVERLAP, overlap_param_gather=True))
+    opt = MegatronOptimizer([ddp], mesh, OptimizerConfig(use_distributed_optimizer=True), SCHEDULE)
+    batch = micro_batch(cfg, 0, mesh.coordinates["dp"])
+    forward_backward([model], [batch], mesh, ddps=[ddp])
+    finalize_grads([model], mesh, ddps=[ddp])
+    opt.step()
+    buckets = [b for buffer in ddp.buffers for b in buffer.buckets]
+    in_flight = sum(b.param_gather is not None for b in buckets)
+    model(batch["tokens"])  # the pre-hooks wait for every bucket the forward touches
+    return in_flight, len(buckets), sum(b.param_gather is not None for b in buckets)
+
+
+def test_param_gathers_run_until_the_forward_needs_them(dist_run):
+    for in_flight, buckets, left in dist_run(4, _gather_in_flight_body):
+        assert in_flight == buckets > 1 and left == 0
