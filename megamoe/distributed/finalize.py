@@ -8,7 +8,9 @@ In order (all are sums, so the order only matters for what is still local):
   3. sequence-parallel parameters (norms, row-parallel biases, the router under SP): each tp rank saw a sequence
      shard, so their gradients are summed over tp;
   4. division by dp (the loss is a mean over replicas; an expert's replicas together saw every dp replica's
-     tokens), or, with per-token loss, by the global batch's token count.
+     tokens), or, with per-token loss, by the global batch's token count;
+  5. the MoE layers' end of step: expert biases move by the step's routed counts (summed over dp), and
+     global_aux_loss starts counting afresh.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megamoe.moe.layer import end_of_step
 from megamoe.parallel import comm
 from megamoe.parallel.mesh import ParallelMesh
 
@@ -68,3 +71,6 @@ def finalize_grads(chunks: list[nn.Module], mesh: ParallelMesh, num_tokens: torc
         divisor = mesh.config.dp
     for _, _, _, grad in _grads(chunks):
         grad.div_(divisor)
+    # MoE bookkeeping of the step: expert-bias updates from the step's routed counts, global_aux_loss reset.
+    for chunk in chunks:
+        end_of_step(chunk, mesh)

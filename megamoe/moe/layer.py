@@ -73,8 +73,8 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 def end_of_step(model: nn.Module, mesh: ParallelMesh) -> None:
-    """Call once per optimizer step, after it: updates expert biases (--moe-router-enable-expert-bias) and starts
-    a new step for global_aux_loss."""
+    """Once per optimizer step, after the last backward (finalize_grads calls it): updates expert biases
+    (--moe-router-enable-expert-bias) and starts a new step for global_aux_loss."""
     for layer in moe_layers(model):
         router = layer.router
         if router.moe.router_enable_expert_bias:

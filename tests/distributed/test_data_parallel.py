@@ -256,3 +256,23 @@ def _gather_in_flight_body():
 def test_param_gathers_run_until_the_forward_needs_them(dist_run):
     for in_flight, buckets, left in dist_run(4, _gather_in_flight_body):
         assert in_flight == buckets > 1 and left == 0
+
+
+def _expert_bias_through_finalize():
+    mesh = ParallelMesh(ParallelConfig(world_size=dist.get_world_size(), ep=2))
+    kwargs = dict(VARIANTS["mixtral"], moe=MoEConfig(num_experts=4, router_score_function="sigmoid",
+                                                     router_enable_expert_bias=True, router_bias_update_rate=0.1))
+    cfg = make_config(**kwargs)
+    model = GPTModel(cfg, mesh, seed=SEED)
+    ddp = DistributedDataParallel(model, mesh, DDPConfig(**DO))
+    forward_backward([model], [micro_batch(cfg, 0, mesh.coordinates["dp"])], mesh, ddps=[ddp])
+    finalize_grads([model], mesh, ddps=[ddp])
+    router = model.decoder.layers["0"].mlp.router
+    return router.expert_bias.tolist(), router.routed_counts.sum().item()
+
+
+def test_finalize_updates_expert_biases_once_per_step(dist_run):
+    results = dist_run(2, _expert_bias_through_finalize)
+    biases = [bias for bias, _ in results]
+    assert biases[0] == biases[1] and any(b != 0 for b in biases[0])  # same on every rank, and moved
+    assert all(left == 0 for _, left in results)                       # counts consumed
