@@ -91,6 +91,7 @@ MOE = dict(VARIANTS["mixtral"], moe=MoEConfig(num_experts=4, router_topk=2, aux_
                                               token_dispatcher_type="alltoall"))
 DO, OVERLAP = dict(use_distributed_optimizer=True), dict(overlap_grad_reduce=True, bucket_size=2000)
 CASES = {
+    "dp1-tp2sp-do": (2, dict(tp=2, sequence_parallel=True), VARIANTS["mixtral"], DO),
     "dp2": (2, dict(), VARIANTS["gpt"], {}),
     "dp2-do": (2, dict(), VARIANTS["gpt"], DO),
     "dp2-do-overlap": (2, dict(), VARIANTS["mixtral"], dict(**DO, **OVERLAP)),
