@@ -254,46 +254,37 @@ def _exchange(messages, me, group, chunks, batches, mesh, inputs, outputs, grads
         buffer.requires_grad_(not forward_only)
 
 
-def _take(data_iterator, num_microbatches: int, seq_length: int, micro_batch_size: int) -> list[dict]:
-    # Checked before any communication, so a wrong shape fails on every rank instead of hanging a receive.
+def _from_iterator(chunks, data_iterator, mesh, *, num_microbatches: int, seq_length: int, micro_batch_size: int,
+                   forward_only: bool = False, per_token_loss: bool = False, **kwargs) -> StepOutput:
+    # Shapes are checked before any communication, so a wrong one fails on every rank instead of hanging a receive.
     batches = [next(data_iterator) for _ in range(num_microbatches)]
     for batch in batches:
         if tuple(batch["tokens"].shape) != (micro_batch_size, seq_length):
             raise ValueError(f"a micro-batch has shape {tuple(batch['tokens'].shape)}, but --micro-batch-size "
                              f"{micro_batch_size} and --seq-length {seq_length} make ({micro_batch_size}, {seq_length})")
-    return batches
+    return forward_backward(chunks, batches, mesh, forward_only=forward_only, per_token_loss=per_token_loss, **kwargs)
 
 
-def forward_backward_no_pipelining(chunks, data_iterator, mesh, *, num_microbatches: int, seq_length: int,
-                                   micro_batch_size: int, forward_only: bool = False,
-                                   per_token_loss: bool = False) -> StepOutput:
-    """Gradient accumulation over num_microbatches on one stage (pp = 1)."""
+def forward_backward_no_pipelining(chunks, data_iterator, mesh, **kwargs) -> StepOutput:
+    """Gradient accumulation over num_microbatches on one stage (pp = 1). Keyword arguments: num_microbatches,
+    seq_length, micro_batch_size, forward_only, per_token_loss, and forward_backward's grad_scale and ddps."""
     if mesh.config.pp != 1:
         raise ValueError("forward_backward_no_pipelining is for --pipeline-model-parallel-size 1")
-    batches = _take(data_iterator, num_microbatches, seq_length, micro_batch_size)
-    return forward_backward(chunks, batches, mesh, forward_only=forward_only, per_token_loss=per_token_loss)
+    return _from_iterator(chunks, data_iterator, mesh, **kwargs)
 
 
-def forward_backward_pipelining_without_interleaving(chunks, data_iterator, mesh, *, num_microbatches: int,
-                                                     seq_length: int, micro_batch_size: int,
-                                                     forward_only: bool = False,
-                                                     per_token_loss: bool = False) -> StepOutput:
-    """1F1B over pp stages, one model chunk per stage."""
+def forward_backward_pipelining_without_interleaving(chunks, data_iterator, mesh, **kwargs) -> StepOutput:
+    """1F1B over pp stages, one model chunk per stage (arguments as forward_backward_no_pipelining)."""
     if len(chunks) != 1:
         raise ValueError("the non-interleaved schedule runs one model chunk per stage")
-    batches = _take(data_iterator, num_microbatches, seq_length, micro_batch_size)
-    return forward_backward(chunks, batches, mesh, forward_only=forward_only, per_token_loss=per_token_loss)
+    return _from_iterator(chunks, data_iterator, mesh, **kwargs)
 
 
-def forward_backward_pipelining_with_interleaving(chunks, data_iterator, mesh, *, num_microbatches: int,
-                                                  seq_length: int, micro_batch_size: int,
-                                                  forward_only: bool = False,
-                                                  per_token_loss: bool = False) -> StepOutput:
-    """Interleaved 1F1B over pp stages with vpp model chunks each."""
+def forward_backward_pipelining_with_interleaving(chunks, data_iterator, mesh, **kwargs) -> StepOutput:
+    """Interleaved 1F1B over pp stages with vpp model chunks each (arguments as forward_backward_no_pipelining)."""
     if len(chunks) < 2:
         raise ValueError("the interleaved schedule needs --virtual-pipeline-model-parallel-size > 1")
-    batches = _take(data_iterator, num_microbatches, seq_length, micro_batch_size)
-    return forward_backward(chunks, batches, mesh, forward_only=forward_only, per_token_loss=per_token_loss)
+    return _from_iterator(chunks, data_iterator, mesh, **kwargs)
 
 
 def get_forward_backward_func(mesh: ParallelMesh):
