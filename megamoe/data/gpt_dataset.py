@@ -60,30 +60,22 @@ def build_document_index(documents: np.ndarray, num_epochs: int, rng: np.random.
 
 
 def build_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_length: int, num_epochs: int,
-                       tokens_per_epoch: int, drop_last_partial: bool = True, extra_token: int = 1) -> np.ndarray:
-    """Rows (document-index position, token offset) where each sample starts; the walk of helpers.cpp."""
-    total = num_epochs * tokens_per_epoch - extra_token
-    num_samples = total // seq_length if drop_last_partial else -(-total // seq_length)
-    dtype = np.int32 if max(len(document_index), int(sizes.max(initial=0))) < np.iinfo(np.int32).max else np.int64
-    index = np.zeros((num_samples + 1, 2), dtype=dtype)
-    position, offset = 0, 0
-    for sample in range(1, num_samples + 1):
-        remaining = seq_length + extra_token
-        while remaining != 0:
-            doc = document_index[position]
-            left = int(sizes[doc]) - offset
-            remaining -= left
-            if remaining <= 0:
-                offset += remaining + left - extra_token  # the sample's last token is the next one's first
-                remaining = 0
-            elif position == len(document_index) - 1:  # a last, partial sample (kept when not dropping it)
-                offset = int(sizes[doc]) - extra_token
-                remaining = 0
-            else:
-                position += 1
-                offset = 0
-        index[sample] = (position, offset)
-    return index
+                       tokens_per_epoch: int, extra_token: int = 1) -> np.ndarray:
+    """Rows (document-index position, token offset) where each sample starts.
+
+    Megatron's helpers.cpp walks the documents consuming seq_length + 1 tokens per sample and starting the next
+    sample on the last token consumed; so sample j starts at position j x seq_length of the stream of documents
+    in document-index order, which is what this computes, vectorized: the document holding that position and
+    the offset in it.
+    """
+    num_samples = (num_epochs * tokens_per_epoch - extra_token) // seq_length
+    ends = np.cumsum(np.asarray(sizes, dtype=np.int64)[document_index])          # stream end of each entry
+    starts = np.arange(num_samples + 1, dtype=np.int64) * seq_length
+    position = np.searchsorted(ends, starts, side="right")
+    offset = starts - (ends[position] - np.asarray(sizes, dtype=np.int64)[document_index[position]])
+    largest = max(len(document_index), int(np.max(sizes, initial=0)))  # positions and offsets stay below this
+    dtype = np.int32 if largest < np.iinfo(np.int32).max else np.int64
+    return np.stack([position, offset], axis=1).astype(dtype)
 
 
 def build_shuffle_index(num_samples: int, total: int, rng: np.random.RandomState) -> np.ndarray:
