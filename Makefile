@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/matmul_peak.py
 	$(PY) bench/moe_layer.py
 	$(PY) bench/gloo_pool_overhead.py
+	$(PY) bench/preprocess.py
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node 4 bench/data_parallel.py
 
 clean:
