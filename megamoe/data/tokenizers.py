@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from functools import lru_cache
@@ -22,7 +23,7 @@ TOKENIZER_TYPES = ("NullTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer",
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """What the data pipeline needs: tokenize, detokenize, vocab_size, eod (and bos / pad where defined)."""
 
     vocab_size: int
@@ -30,11 +31,13 @@ class Tokenizer:
     bos: int | None = None
     pad: int | None = None
 
+    @abc.abstractmethod
     def tokenize(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of `text` (no BOS or EOD added)."""
 
+    @abc.abstractmethod
     def detokenize(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """The text of `ids`."""
 
 
 class NullTokenizer(Tokenizer):

@@ -155,103 +155,109 @@ def forward_backward(chunks: list[nn.Module], batches: list[dict], mesh: Paralle
         ddps: the chunks' DistributedDataParallel wrappers; overlapped gradient reduction is enabled only during
             each chunk's last backward of the step.
     """
-    pp, vpp, num_mb = mesh.config.pp, len(chunks), len(batches)
-    if vpp > 1 and num_mb < pp:
+    pp, num_mb = mesh.config.pp, len(batches)
+    if len(chunks) > 1 and num_mb < pp:
         raise ValueError(f"the interleaved schedule needs at least --pipeline-model-parallel-size ({pp}) "
                          f"micro-batches, got {num_mb}; raise --global-batch-size or lower --micro-batch-size")
-    group, me = mesh["pp"], mesh.pp_stage
-    plan = simulate(pp, vpp, num_mb, forward_only)
-    inputs: dict[tuple[int, int], torch.Tensor] = {}
-    outputs: dict[tuple[int, int], torch.Tensor] = {}
-    grads: dict[tuple[int, int], torch.Tensor] = {}
-    losses: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    backwards_done = [0] * vpp
+    step = _Step(chunks, batches, mesh, forward_only, per_token_loss, grad_scale, ddps, record)
+    plan = simulate(pp, len(chunks), num_mb, forward_only)
     for row, messages in zip(plan.ticks, plan.messages):
-        action = row[me]
+        action = row[mesh.pp_stage]
         if action is not None:
-            if action.kind == BACKWARD and ddps is not None:
-                chunk = action.virtual_stage // pp
-                ddps[chunk].grad_sync_enabled = backwards_done[chunk] == num_mb - 1
-                backwards_done[chunk] += 1
-            (_forward if action.kind == FORWARD else _backward)(
-                action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss,
-                grad_scale)
-            if record is not None:
-                record.append((action.kind, action.micro_batch, action.virtual_stage))
-        _exchange(messages, me, group, chunks, batches, mesh, inputs, outputs, grads, record, forward_only)
-    return StepOutput([losses[m] for m in sorted(losses)])
+            step.forward(action) if action.kind == FORWARD else step.backward(action)
+        step.exchange(messages)
+    return StepOutput([step.losses[m] for m in sorted(step.losses)])
 
 
-def _forward(action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss,
-             grad_scale):
-    m, v = action.micro_batch, action.virtual_stage
-    chunk, batch = chunks[v // mesh.config.pp], batches[m]
-    num_mb = len(batches)
-    mask = batch["loss_mask"]
-    set_aux_loss_scale(chunk, grad_scale * (float(mask.sum()) if per_token_loss else 1.0 / num_mb))
-    with torch.set_grad_enabled(not forward_only):
-        common = dict(position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask"),
-                      sample_ids=batch.get("sample_ids"))
-        labels = batch["labels"] if chunk.post_process else None
-        if chunk.pre_process:
-            out = chunk(input_ids=batch["tokens"], labels=labels, **common)
-        else:
-            out = chunk(hidden_states=inputs[m, v], labels=labels, **common)
-        if chunk.post_process:
-            loss_sum = (out.float() * mask).sum()
-            tokens = mask.sum().to(torch.float32)
-            losses[m] = (loss_sum.detach(), tokens)
-            out = (loss_sum if per_token_loss else loss_sum / tokens / num_mb) * grad_scale
-    if not (forward_only and chunk.post_process):  # kept for its backward, or until it is sent
-        outputs[m, v] = out
+class _Step:
+    """The tensors of one step in flight on this rank, keyed by (micro-batch, virtual stage)."""
 
+    def __init__(self, chunks, batches, mesh, forward_only, per_token_loss, grad_scale, ddps, record) -> None:
+        self.chunks, self.batches, self.mesh = chunks, batches, mesh
+        self.forward_only, self.per_token_loss, self.grad_scale = forward_only, per_token_loss, grad_scale
+        self.ddps, self.record = ddps, record
+        self.inputs: dict[tuple[int, int], torch.Tensor] = {}    # activations received from the previous stage
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}   # kept for backward (or until sent)
+        self.grads: dict[tuple[int, int], torch.Tensor] = {}     # gradients to send back, or received
+        self.losses: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.backwards_done = [0] * len(chunks)
 
-def _backward(action, chunks, batches, mesh, inputs, outputs, grads, losses, forward_only, per_token_loss,
-              grad_scale):
-    m, v = action.micro_batch, action.virtual_stage
-    output = outputs.pop((m, v))
-    _run_backward(output, grads.pop((m, v), None))
-    received = inputs.pop((m, v), None)
-    if received is not None:
-        grads[m, v - 1] = received.grad  # sent to the previous virtual stage by the exchange
+    def _chunk(self, virtual_stage: int):
+        return self.chunks[virtual_stage // self.mesh.config.pp]
 
+    def forward(self, action: Action) -> None:
+        m, v = action.micro_batch, action.virtual_stage
+        chunk, batch, num_mb = self._chunk(v), self.batches[m], len(self.batches)
+        mask = batch["loss_mask"]
+        scale = float(mask.sum()) if self.per_token_loss else 1.0 / num_mb
+        set_aux_loss_scale(chunk, self.grad_scale * scale)
+        with torch.set_grad_enabled(not self.forward_only):
+            common = dict(position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask"),
+                          sample_ids=batch.get("sample_ids"))
+            labels = batch["labels"] if chunk.post_process else None
+            if chunk.pre_process:
+                out = chunk(input_ids=batch["tokens"], labels=labels, **common)
+            else:
+                out = chunk(hidden_states=self.inputs[m, v], labels=labels, **common)
+            if chunk.post_process:
+                loss_sum = (out.float() * mask).sum()
+                tokens = mask.sum().to(torch.float32)
+                self.losses[m] = (loss_sum.detach(), tokens)
+                out = (loss_sum if self.per_token_loss else loss_sum / tokens / num_mb) * self.grad_scale
+        if not (self.forward_only and chunk.post_process):  # kept for its backward, or until it is sent
+            self.outputs[m, v] = out
+        self._note(action)
 
-def _activation_shape(chunk, batch, mesh):
-    b, s = batch["tokens"].shape
-    s_local = s // mesh.config.tp if mesh.config.sequence_parallel else s
-    return (s_local, b, chunk.config.hidden_size)
+    def backward(self, action: Action) -> None:
+        m, v = action.micro_batch, action.virtual_stage
+        if self.ddps is not None:  # overlapped reduction only during the chunk's last backward of the step
+            c = v // self.mesh.config.pp
+            self.ddps[c].grad_sync_enabled = self.backwards_done[c] == len(self.batches) - 1
+            self.backwards_done[c] += 1
+        _run_backward(self.outputs.pop((m, v)), self.grads.pop((m, v), None))
+        received = self.inputs.pop((m, v), None)
+        if received is not None:
+            self.grads[m, v - 1] = received.grad  # sent to the previous virtual stage by the exchange
+        self._note(action)
 
+    def _note(self, action: Action) -> None:
+        if self.record is not None:
+            self.record.append((action.kind, action.micro_batch, action.virtual_stage))
 
-def _exchange(messages, me, group, chunks, batches, mesh, inputs, outputs, grads, record, forward_only):
-    sends, recvs, activations = [], [], []
-    for produced, src, dst in sorted(messages, key=lambda x: (x[0].kind, x[0].micro_batch, x[0].virtual_stage)):
-        m, v = produced.micro_batch, produced.virtual_stage
-        if src == me:
-            if produced.kind == FORWARD:
-                out = outputs.pop((m, v)) if forward_only else outputs[m, v]
+    def exchange(self, messages) -> None:
+        """This tick's sends and receives, as one batched p2p exchange over the pipeline group."""
+        me, sends, recvs, activations = self.mesh.pp_stage, [], [], []
+        for produced, src, dst in sorted(messages, key=lambda x: (x[0].kind, x[0].micro_batch, x[0].virtual_stage)):
+            m, v = produced.micro_batch, produced.virtual_stage
+            if src == me and produced.kind == FORWARD:
+                out = self.outputs.pop((m, v)) if self.forward_only else self.outputs[m, v]
                 sends.append((out.detach().clone(), dst))
-                if not forward_only:
+                if not self.forward_only:
                     # Free the sent activation's storage; its autograd node (and so its backward) stays.
                     out.data = torch.empty((1,), dtype=out.dtype, device=out.device)
-            else:
-                sends.append((grads.pop((m, v - 1)), dst))
-        elif dst == me:
-            chunk = chunks[0]
-            shape = _activation_shape(chunk, batches[m], mesh)
-            dtype = next(chunk.parameters()).dtype
-            buffer = torch.empty(shape, dtype=dtype, device=mesh.device)
-            recvs.append((buffer, src))
-            if produced.kind == FORWARD:
-                inputs[m, v + 1] = buffer
-                activations.append(buffer)
-            else:
-                grads[m, v - 1] = buffer
-    if record is not None and (sends or recvs):
-        record.append(("X", [d for _, d in sends], [s for _, s in recvs]))
-    if sends or recvs:
-        comm.send_recv(group, sends=sends, recvs=recvs)
-    for buffer in activations:  # a leaf of this stage's graph once filled
-        buffer.requires_grad_(not forward_only)
+            elif src == me:
+                sends.append((self.grads.pop((m, v - 1)), dst))
+            elif dst == me:
+                buffer = torch.empty(self._activation_shape(m), dtype=next(self.chunks[0].parameters()).dtype,
+                                     device=self.mesh.device)
+                recvs.append((buffer, src))
+                if produced.kind == FORWARD:
+                    self.inputs[m, v + 1] = buffer
+                    activations.append(buffer)
+                else:
+                    self.grads[m, v - 1] = buffer
+        if not sends and not recvs:
+            return
+        if self.record is not None:
+            self.record.append(("X", [d for _, d in sends], [s for _, s in recvs]))
+        comm.send_recv(self.mesh["pp"], sends=sends, recvs=recvs)
+        for buffer in activations:  # a leaf of this stage's graph once filled
+            buffer.requires_grad_(not self.forward_only)
+
+    def _activation_shape(self, m: int) -> tuple[int, int, int]:
+        b, s = self.batches[m]["tokens"].shape
+        config = self.mesh.config
+        return (s // config.tp if config.sequence_parallel else s, b, self.chunks[0].config.hidden_size)
 
 
 def _from_iterator(chunks, data_iterator, mesh, *, num_microbatches: int, seq_length: int, micro_batch_size: int,
