@@ -52,6 +52,7 @@ class DataConfig:
     eod_mask_loss: bool = False
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
+    dist_mmap: bool = False
 
     def __post_init__(self) -> None:
         per_split = any((self.train_data_path, self.valid_data_path, self.test_data_path))
@@ -75,13 +76,15 @@ class DataConfig:
         g.add_argument("--eod-mask-loss", action="store_true")
         g.add_argument("--reset-position-ids", action="store_true")
         g.add_argument("--reset-attention-mask", action="store_true")
+        g.add_argument("--dist-mmap", action="store_true",
+                       help="each data-parallel rank maps only its shard of the sample index (megamoe.data.rank_shard)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DataConfig":
         return cls(tuple(args.data_path), tuple(args.train_data_path), tuple(args.valid_data_path),
                    tuple(args.test_data_path), args.mock_data, args.split, args.seq_length, args.seed,
                    args.data_cache_path, args.num_workers, args.eod_mask_loss, args.reset_position_ids,
-                   args.reset_attention_mask)
+                   args.reset_attention_mask, args.dist_mmap)
 
 
 class MockGPTDataset(torch.utils.data.Dataset):
