@@ -86,3 +86,15 @@ def test_empty_index(tmp_path):
     (tmp_path / "e.bin").write_bytes(b"")
     write_index(str(tmp_path / "e.idx"), np.uint16, [], [0])
     assert len(IndexedDataset(str(tmp_path / "e"))) == 0
+
+
+def test_merge_tool(tmp_path):
+    import subprocess
+    import sys
+
+    build(tmp_path / "a", [[1, 2]])
+    build(tmp_path / "b", [[3], [4, 5]])
+    subprocess.run([sys.executable, "tools/merge_datasets.py", "--input", str(tmp_path / "a"), str(tmp_path / "b"),
+                    "--output-prefix", str(tmp_path / "m")], check=True, capture_output=True)
+    m = IndexedDataset(str(tmp_path / "m"))
+    assert [m[i].tolist() for i in range(len(m))] == [[1, 2], [3], [4, 5]]
