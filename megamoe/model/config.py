@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -132,6 +133,54 @@ class ModelConfig:
         problems = self.layout_problems(parallel)
         if problems:
             raise ValueError("model does not fit the parallel layout:\n  - " + "\n  - ".join(problems))
+
+    # Flags ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Megatron-LM's model flags (and the Mixtral script's no-op ones: --use-mcore-models,
+        --no-masked-softmax-fusion)."""
+        g = parser.add_argument_group("model", "Megatron-LM's model flags")
+        for flag, kind, default in (("--num-layers", int, None), ("--hidden-size", int, None),
+                                    ("--num-attention-heads", int, None), ("--seq-length", int, None),
+                                    ("--ffn-hidden-size", int, None), ("--num-query-groups", int, None),
+                                    ("--kv-channels", int, None), ("--max-position-embeddings", int, None),
+                                    ("--make-vocab-size-divisible-by", int, 128), ("--norm-epsilon", float, 1e-5),
+                                    ("--rotary-base", int, 10000), ("--rotary-percent", float, 1.0),
+                                    ("--init-method-std", float, 0.02), ("--hidden-dropout", float, 0.1),
+                                    ("--attention-dropout", float, 0.1)):
+            g.add_argument(flag, type=kind, default=default)
+        g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
+        g.add_argument("--position-embedding-type", default="learned_absolute",
+                       choices=["learned_absolute", "rope", "none"])
+        g.add_argument("--no-position-embedding", action="store_true",
+                       help="no learned absolute positions (with rope: rope only)")
+        g.add_argument("--swiglu", action="store_true")
+        g.add_argument("--disable-bias-linear", action="store_true")
+        g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+        g.add_argument("--group-query-attention", action="store_true", help="use --num-query-groups")
+        g.add_argument("--use-mcore-models", action="store_true", help="accepted; megamoe has one model")
+        g.add_argument("--no-masked-softmax-fusion", action="store_true", help="accepted; attention uses SDPA")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, vocab_size: int, moe: MoEConfig | None) -> "ModelConfig":
+        missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+                   if getattr(args, f) is None]
+        if missing:
+            raise ValueError("missing model flags: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        position = args.position_embedding_type
+        if args.no_position_embedding and position == "learned_absolute":
+            position = "none"
+        return cls(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                   num_attention_heads=args.num_attention_heads, vocab_size=vocab_size, seq_length=args.seq_length,
+                   ffn_hidden_size=args.ffn_hidden_size,
+                   num_query_groups=args.num_query_groups if args.group_query_attention else None,
+                   kv_channels=args.kv_channels, max_position_embeddings=args.max_position_embeddings,
+                   make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, normalization=args.normalization,
+                   norm_epsilon=args.norm_epsilon, position_embedding_type=position, rotary_base=args.rotary_base,
+                   rotary_percent=args.rotary_percent, swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear,
+                   untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+                   init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
+                   attention_dropout=args.attention_dropout, moe=moe)
 
     # Derived sizes --------------------------------------------------------------------------------------------
     def padded_vocab_size(self, tp: int) -> int:

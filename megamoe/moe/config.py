@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -173,6 +174,66 @@ class MoEConfig:
             if clash:
                 out.append(f"--moe-router-type expert_choice cannot be combined with {', '.join(clash)}")
         return out
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Megatron-LM's --num-experts and --moe-* flags."""
+        g = parser.add_argument_group("moe", "Mixture of Experts (Megatron-LM's flags)")
+        g.add_argument("--num-experts", type=int, default=None)
+        g.add_argument("--moe-router-topk", type=int, default=2)
+        g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+        g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+        g.add_argument("--moe-shared-expert-gate", action="store_true")
+        g.add_argument("--moe-layer-freq", default="1", help="k (every k-th layer) or a list like [0,1,1,1]")
+        g.add_argument("--moe-router-score-function", default="softmax", choices=SCORE_FUNCTIONS)
+        g.add_argument("--moe-router-pre-softmax", action="store_true")
+        g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+        g.add_argument("--moe-router-num-groups", type=int, default=None)
+        g.add_argument("--moe-router-group-topk", type=int, default=None)
+        g.add_argument("--moe-router-dtype", default=None, choices=["fp32", "fp64"])
+        g.add_argument("--moe-router-type", default="topk", choices=ROUTER_TYPES)
+        g.add_argument("--moe-second-expert-policy", default="all", choices=SECOND_EXPERT_POLICIES)
+        g.add_argument("--moe-input-jitter-eps", type=float, default=None)
+        g.add_argument("--moe-router-enable-expert-bias", action="store_true")
+        g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+        g.add_argument("--moe-router-load-balancing-type", nargs="+", default=["aux_loss"])
+        g.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=[0.0])
+        g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+        g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
+        g.add_argument("--moe-token-drop-policy", default="probs", choices=DROP_POLICIES)
+        g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
+        g.add_argument("--moe-eval-capacity-factor", type=float, default=None)
+        g.add_argument("--moe-eval-capacity-token-fraction", type=float, default=None)
+        g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=DISPATCHERS)
+        g.add_argument("--moe-grouped-gemm", action="store_true")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "MoEConfig | None":
+        if not args.num_experts:
+            return None
+        freq = args.moe_layer_freq.strip()
+        layer_freq = tuple(int(x) for x in freq.strip("[]").split(",")) if freq.startswith("[") else int(freq)
+        coeff = args.moe_aux_loss_coeff
+        return cls(num_experts=args.num_experts, router_topk=args.moe_router_topk,
+                   ffn_hidden_size=args.moe_ffn_hidden_size,
+                   shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+                   shared_expert_gate=args.moe_shared_expert_gate, layer_freq=layer_freq,
+                   router_score_function=args.moe_router_score_function,
+                   router_pre_softmax=args.moe_router_pre_softmax,
+                   router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+                   router_num_groups=args.moe_router_num_groups, router_group_topk=args.moe_router_group_topk,
+                   router_dtype=args.moe_router_dtype, router_type=args.moe_router_type,
+                   second_expert_policy=args.moe_second_expert_policy, input_jitter_eps=args.moe_input_jitter_eps,
+                   router_enable_expert_bias=args.moe_router_enable_expert_bias,
+                   router_bias_update_rate=args.moe_router_bias_update_rate,
+                   load_balancing_type=tuple(args.moe_router_load_balancing_type),
+                   aux_loss_coeff=coeff[0] if len(coeff) == 1 else tuple(coeff), z_loss_coeff=args.moe_z_loss_coeff,
+                   expert_capacity_factor=args.moe_expert_capacity_factor,
+                   token_drop_policy=args.moe_token_drop_policy,
+                   pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+                   eval_capacity_factor=args.moe_eval_capacity_factor,
+                   eval_capacity_token_fraction=args.moe_eval_capacity_token_fraction,
+                   token_dispatcher_type=args.moe_token_dispatcher_type, grouped_gemm=args.moe_grouped_gemm)
 
     def is_moe_layer(self, layer: int, num_layers: int) -> bool:
         """Whether global layer `layer` (0-based) of `num_layers` holds experts."""
