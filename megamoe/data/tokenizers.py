@@ -173,3 +173,22 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, voc
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
     raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+
+
+def add_tokenizer_arguments(parser) -> None:
+    g = parser.add_argument_group("tokenizer", "Megatron-LM's tokenizer flags")
+    g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--null-tokenizer-eod-id", type=int, default=None)
+
+
+def tokenizer_from_args(args) -> Tokenizer:
+    kind = args.tokenizer_type or ("NullTokenizer" if args.vocab_size else None)
+    if kind is None:
+        raise ValueError("give --tokenizer-type (with --tokenizer-model, or --vocab-file and --merge-file), or "
+                         "--vocab-size for the NullTokenizer")
+    return build_tokenizer(kind, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size,
+                           args.null_tokenizer_eod_id)

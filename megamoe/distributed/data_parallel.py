@@ -48,6 +48,18 @@ class DDPConfig:
                              "gathered)")
 
 
+def add_ddp_arguments(parser) -> None:
+    g = parser.add_argument_group("data parallelism", "Megatron-LM's gradient-buffer flags")
+    g.add_argument("--ddp-bucket-size", type=int, default=None)
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+
+
+def ddp_config_from_args(args) -> DDPConfig:
+    return DDPConfig(args.ddp_bucket_size, args.overlap_grad_reduce, args.use_distributed_optimizer,
+                     args.overlap_param_gather)
+
+
 @dataclass
 class Bucket:
     """A contiguous range [start, end) of a buffer and the parameters in it."""

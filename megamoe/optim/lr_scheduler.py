@@ -112,3 +112,31 @@ def weight_decay(c: ScheduleConfig, step: int) -> float:
     ratio = step / horizon
     coeff = ratio if c.weight_decay_incr_style == "linear" else 0.5 * (math.cos(math.pi * (1 - ratio)) + 1.0)
     return c.start_weight_decay + coeff * (c.end_weight_decay - c.start_weight_decay)
+
+
+def add_schedule_arguments(parser) -> None:
+    g = parser.add_argument_group("learning rate", "Megatron-LM's schedule flags (iteration-based)")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="linear", choices=DECAY_STYLES)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-wsd-decay-style", default="exponential", choices=WSD_STYLES)
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", default="constant", choices=WD_STYLES)
+
+
+def schedule_config_from_args(args, train_iters: int) -> ScheduleConfig:
+    start = args.start_weight_decay if args.start_weight_decay is not None else args.weight_decay
+    end = args.end_weight_decay if args.end_weight_decay is not None else args.weight_decay
+    return ScheduleConfig(lr=args.lr, decay_iters=args.lr_decay_iters or train_iters, min_lr=args.min_lr,
+                          decay_style=args.lr_decay_style, warmup_iters=args.lr_warmup_iters,
+                          warmup_fraction=args.lr_warmup_fraction, warmup_init=args.lr_warmup_init,
+                          wsd_decay_style=args.lr_wsd_decay_style, wsd_decay_iters=args.lr_wsd_decay_iters,
+                          start_weight_decay=start, end_weight_decay=end,
+                          weight_decay_incr_style=args.weight_decay_incr_style, wd_incr_iters=train_iters)

@@ -71,6 +71,30 @@ class OptimizerConfig:
             raise ValueError("invalid optimizer config:\n  - " + "\n  - ".join(problems))
 
 
+def add_optimizer_arguments(parser) -> None:
+    g = parser.add_argument_group("optimizer", "Megatron-LM's optimizer and mixed-precision flags")
+    g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--loss-scale", type=float, default=None)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+
+def optimizer_config_from_args(args) -> OptimizerConfig:
+    return OptimizerConfig(args.optimizer, args.adam_beta1, args.adam_beta2, args.adam_eps, args.sgd_momentum,
+                           args.clip_grad, args.bf16, args.fp16, args.initial_loss_scale, args.min_loss_scale,
+                           args.loss_scale_window, args.hysteresis, args.loss_scale, args.use_distributed_optimizer)
+
+
 @dataclass
 class _Region:
     buffer: GradBuffer

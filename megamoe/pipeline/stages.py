@@ -95,3 +95,9 @@ def build_model_chunks(config: ModelConfig, mesh: ParallelMesh, split: PipelineS
         chunks.append(GPTModel(config, mesh, seed=seed, layer_numbers=layers, pre_process=virtual == 0,
                                post_process=virtual == len(stages) - 1, dtype=dtype))
     return chunks
+
+
+def add_pipeline_arguments(parser) -> None:
+    g = parser.add_argument_group("pipeline", "uneven pipeline stages (Megatron-LM's flags)")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
