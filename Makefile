@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   creates .venv (pinned CPU torch + megamoe) and runs the main job
+#   make demo   creates .venv (pinned CPU torch + megamoe) and trains the tiny Mixtral demo (4 ranks, ~6 min)
 #   make test   creates .venv and runs the default test pass (make test-full: the larger matrices too)
 
 PYTHON ?= python3
@@ -19,8 +19,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: setup
-	$(PY) -m megamoe.parallel --world-size 16 --tensor-model-parallel-size 2 --context-parallel-size 2 \
-		--pipeline-model-parallel-size 2 --expert-model-parallel-size 4 --expert-tensor-parallel-size 1
+	PYTHON=$(PY) bash examples/mixtral/train_tiny_cpu.sh
 
 test: setup
 	$(PY) -m pytest

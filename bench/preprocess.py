@@ -5,12 +5,10 @@ paragraph, repeated to the requested size. A sentencepiece tokenizer is trained 
 """
 
 import argparse
-import glob
 import json
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 
@@ -18,19 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megamoe.data.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: E402
 from megamoe.data.indexed_dataset import IndexedDataset  # noqa: E402
+from tools.make_demo_corpus import stdlib_paragraphs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def stdlib_paragraphs():
-    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True)):
-        try:
-            text = open(path, encoding="utf-8").read()
-        except (UnicodeDecodeError, OSError):
-            continue
-        for paragraph in text.split("\n\n"):
-            if paragraph.strip():
-                yield paragraph
 
 
 def main() -> None:

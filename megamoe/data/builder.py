@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from megamoe.data.gpt_dataset import (SPLIT_NAMES, BlendedDataset, GPTDataset, GPTDatasetConfig, PretrainingSampler,
-                                      blend_surplus, masks)
+                                      blend_surplus, masks, parse_split)
 from megamoe.data.indexed_dataset import IndexedDataset
 
 
@@ -129,8 +129,8 @@ def build_datasets(config: DataConfig, vocab_size: int, eod: int, pad: int, coun
     out = []
     for which, (name, count) in enumerate(zip(SPLIT_NAMES, counts)):
         paths = config.data_path or (config.train_data_path, config.valid_data_path, config.test_data_path)[which]
-        if not paths or not count:
-            out.append(None)
+        if not paths or not count or (config.data_path and parse_split(config.split)[which] == 0):
+            out.append(None)  # a split with no data, no samples asked, or weight 0 in --split
             continue
         split = config.split if config.data_path else "1,0,0"
         blend = parse_data_path(list(paths))

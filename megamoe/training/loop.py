@@ -165,7 +165,7 @@ def _log_iteration(mesh, training, iteration, consumed, window, lr, grad_norm, o
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
     line = (f" [{now}] iteration {iteration:8d}/{training.train_iters:8d} | consumed samples: {consumed:12d} | "
             f"elapsed time per iteration (ms): {elapsed * 1000:.1f} | throughput per GPU (TFLOP/s/GPU): "
-            f"{flops / elapsed / 1e12 / mesh.config.world_size:.1f} | tokens per second: {tokens / elapsed:.1f} | "
+            f"{flops / elapsed / 1e12 / mesh.config.world_size:.3f} | tokens per second: {tokens / elapsed:.1f} | "
             f"learning rate: {lr:.6E} | global batch size: {training.global_batch_size:5d} | lm loss: {loss:.6E} | ")
     if moe:
         line += f"load_balancing_loss: {aux:.6E} | "

@@ -29,7 +29,7 @@ def test_blend_of_two_corpora_and_split(tmp_path):
     b, _ = corpus(tmp_path, seed=2, name="b")
     config = DataConfig(data_path=("0.75", str(tmp_path / "a"), "0.25", str(tmp_path / "b")), split="90,10,0",
                         seq_length=8, data_cache_path=str(tmp_path / "cache"))
-    train, valid, test = build_datasets(config, 1000, 0, -1, [40, 8, 0])
+    train, valid, test = build_datasets(config, 1000, 0, -1, [40, 8, 8])  # test has weight 0 in --split
     assert len(train) == 40 and len(valid) == 8 and test is None
     assert np.bincount(train.dataset_index, minlength=2).tolist() == [30, 10]
     assert train[0]["tokens"].shape == (8,)
