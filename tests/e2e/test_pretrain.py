@@ -50,3 +50,53 @@ def test_bad_batch_sizes_fail_on_every_rank_before_any_collective(tmp_path):
     proc = run(2, ["--global-batch-size", "6", "--micro-batch-size", "4"], tmp_path, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("--global-batch-size 6 is not divisible by --micro-batch-size 4") == 2
+
+
+def test_megatron_mixtral_script_runs_tiny_with_mock_data(tmp_path):
+    sizes = dict(GPUS_PER_NODE="4", MASTER_PORT="29517", SEQ_LENGTH="32", MAX_POSITION_EMBEDDINGS="32",
+                 NUM_LAYERS="4", HIDDEN_SIZE="64", FFN_HIDDEN_SIZE="128", NUM_ATTENTION_HEADS="4",
+                 NUM_QUERY_GROUPS="2", NUM_EXPERTS="4", EP="2", TP="2", PP="2", GLOBAL_BATCH_SIZE="4",
+                 TRAIN_ITERS="2", LR_DECAY_ITERS="2", LR_WARMUP_ITERS="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "examples/mixtral/train_mixtral_8x7b.sh", "--mock-data", "--vocab-size", "512",
+                           "--expert-tensor-parallel-size", "1", "--log-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**ENV, **sizes})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(losses(tmp_path)) == 2 and "iteration        2/       2" in proc.stdout
+
+
+def test_sigterm_with_the_handler_exits_cleanly(tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, "pretrain_gpt.py", *TINY, "--train-iters", "100000", "--exit-signal-handler",
+           "--log-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "exiting at iteration" in out
+
+
+def test_loss_falls_on_real_text(tmp_path):
+    run_dir = tmp_path / "demo"
+    for cmd in (["tools/make_demo_corpus.py", "--output", str(run_dir / "corpus.jsonl"), "--max-mb", "2",
+                 "--text-sample", str(run_dir / "sample.txt")],
+                ["tools/train_tokenizer.py", "--input", str(run_dir / "sample.txt"), "--model-prefix",
+                 str(run_dir / "tok"), "--vocab-size", "1000"],
+                ["tools/preprocess_data.py", "--input", str(run_dir / "corpus.jsonl"), "--output-prefix",
+                 str(run_dir / "corpus"), "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
+                 str(run_dir / "tok.model"), "--append-eod", "--workers", "1"]):
+        subprocess.run([sys.executable, *cmd], check=True, capture_output=True, env=ENV)
+    real = [a for a in TINY if a not in ("--mock-data",)]
+    real[real.index("--vocab-size"):real.index("--vocab-size") + 2] = []
+    real[real.index("--train-iters") + 1] = "100"
+    proc = subprocess.run([sys.executable, "pretrain_gpt.py", *real, "--tokenizer-type", "Llama2Tokenizer",
+                           "--tokenizer-model", str(run_dir / "tok.model"), "--data-path",
+                           str(run_dir / "corpus_text_document"), "--split", "98,2,0", "--log-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    values = losses(tmp_path)
+    assert len(values) == 100 and sum(values[-10:]) / 10 < sum(values[:10]) / 10 - 0.5
