@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.e2e.ranks import run_ranks
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -21,13 +23,12 @@ def test_layout_check_passes_under_torchrun():
 
 
 def test_invalid_layout_fails_on_every_rank_without_collectives():
-    proc = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "megamoe.parallel.check", "--tp", "2",
-                           "--ep", "2", "--expert-tensor-parallel-size", "2"],
-                          capture_output=True, text=True, timeout=300, env=ENV)
-    assert proc.returncode != 0
-    for rank in (0, 1):
+    results = run_ranks(2, [sys.executable, "-m", "megamoe.parallel.check", "--tp", "2", "--ep", "2",
+                            "--expert-tensor-parallel-size", "2"])
+    for rank, proc in enumerate(results):
+        assert proc.returncode == 2
         assert f"rank {rank}: error: invalid parallel layout" in proc.stderr
-    assert "--expert-model-parallel-size" in proc.stderr
+        assert "--expert-model-parallel-size" in proc.stderr
 
 
 def _slurm_is_up():

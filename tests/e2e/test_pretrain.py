@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from tests.e2e.ranks import run_ranks
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ("--mock-data --vocab-size 512 --num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-query-attention "
@@ -47,9 +49,11 @@ def test_exit_interval_stops_at_that_iteration(tmp_path):
 
 
 def test_bad_batch_sizes_fail_on_every_rank_before_any_collective(tmp_path):
-    proc = run(2, ["--global-batch-size", "6", "--micro-batch-size", "4"], tmp_path, timeout=120)
-    assert proc.returncode != 0
-    assert proc.stderr.count("--global-batch-size 6 is not divisible by --micro-batch-size 4") == 2
+    results = run_ranks(2, [sys.executable, "pretrain_gpt.py", *TINY, "--global-batch-size", "6",
+                            "--micro-batch-size", "4", "--log-dir", str(tmp_path)])
+    for proc in results:  # each rank fails by itself: no rank waits for the other in a collective
+        assert proc.returncode == 2
+        assert "--global-batch-size 6 is not divisible by --micro-batch-size 4" in proc.stderr
 
 
 def test_megatron_mixtral_script_runs_tiny_with_mock_data(tmp_path):
