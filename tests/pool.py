@@ -41,6 +41,17 @@ def _worker(rank: int, world_size: int, port: int, conn: Connection) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=DEFAULT_TIMEOUT_S))
+    # Every process group a body creates is destroyed after it: gloo groups keep threads, and a session of
+    # hundreds of bodies would otherwise pile up thousands of them in each worker.
+    created = []
+    new_group = dist.new_group
+
+    def recording_new_group(*args, **kwargs):
+        group = new_group(*args, **kwargs)
+        created.append(group)
+        return group
+
+    dist.new_group = recording_new_group
     conn.send(("ready", None))
     while True:
         task = conn.recv()
@@ -52,9 +63,14 @@ def _worker(rank: int, world_size: int, port: int, conn: Connection) -> None:
                 sys.path.insert(0, entry)
         try:
             fn = getattr(importlib.import_module(module), name)
-            conn.send(("ok", fn(*args, **kwargs)))
+            reply = ("ok", fn(*args, **kwargs))
         except BaseException:  # noqa: BLE001 - report everything, including pytest's skip/fail exceptions
-            conn.send(("error", traceback.format_exc()))
+            reply = ("error", traceback.format_exc())
+        for group in created:
+            if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+                dist.destroy_process_group(group)
+        created.clear()
+        conn.send(reply)
 
 
 class GlooPool:
