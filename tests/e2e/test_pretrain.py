@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.e2e.ranks import run_ranks
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -104,3 +106,15 @@ def test_loss_falls_on_real_text(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     values = losses(tmp_path)
     assert len(values) == 100 and sum(values[-10:]) / 10 < sum(values[:10]) / 10 - 0.5
+
+
+
+@pytest.mark.parametrize("script", ["examples/deepseek/train_deepseek_like.sh", "examples/fairseq/train_fairseq_moe.sh"])
+def test_example_scripts_run_tiny(tmp_path, script):
+    sizes = dict(NUM_LAYERS="4", HIDDEN_SIZE="64", SEQ_LENGTH="32", NUM_EXPERTS="8", MOE_FFN="32", SHARED_FFN="64",
+                 GLOBAL_BATCH_SIZE="4", TRAIN_ITERS="2", LR_WARMUP_ITERS="1", LOG_INTERVAL="1", EVAL_INTERVAL="2",
+                 PYTHON=sys.executable)
+    proc = subprocess.run(["bash", script, "--log-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**ENV, **sizes})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(losses(tmp_path)) == 2
