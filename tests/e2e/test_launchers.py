@@ -44,3 +44,12 @@ def test_layout_check_passes_under_srun():
                           capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "layout check passed: 4 ranks, backend gloo, device cpu" in proc.stdout
+
+
+@pytest.mark.skipif(not _slurm_is_up(), reason="no idle SLURM node (shared/tools/slurm-local.sh up starts one)")
+def test_sbatch_example_trains(tmp_path):
+    proc = subprocess.run(["sbatch", "--wait", f"--output={tmp_path}/job.out", "--export=ALL,TRAIN_ITERS=3",
+                           "examples/slurm/train_tiny.sbatch", "--log-dir", str(tmp_path / "logs")],
+                          capture_output=True, text=True, timeout=600, env={**ENV, "PYTHON": sys.executable})
+    assert proc.returncode == 0, (tmp_path / "job.out").read_text()[-3000:]
+    assert "iteration        3/       3" in (tmp_path / "job.out").read_text()
