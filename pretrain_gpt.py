@@ -8,6 +8,6 @@ from megamoe.training.loop import pretrain
 if __name__ == "__main__":
     try:
         sys.exit(pretrain())
-    except ValueError as err:  # bad input: the same message on every rank, before any collective
+    except (ValueError, FileNotFoundError) as err:  # bad input: the same message on every rank, before any collective
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -10,6 +10,7 @@ test = eval_iters x global batch. --mock-data needs no files.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,16 @@ class DataConfig:
             raise ValueError("give either --data-path with --split, or per-split --*-data-path, not both")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+
+    def check_files(self) -> None:
+        """Raise FileNotFoundError naming the flag when a .bin/.idx is missing (cheap: run before any collective)."""
+        for flag, paths in (("--data-path", self.data_path), ("--train-data-path", self.train_data_path),
+                            ("--valid-data-path", self.valid_data_path), ("--test-data-path", self.test_data_path)):
+            for _, prefix in parse_data_path(list(paths)) if paths else []:
+                for path in (prefix + ".bin", prefix + ".idx"):
+                    if not os.path.isfile(path):
+                        raise FileNotFoundError(f"{flag}: {path} does not exist; give the prefix of a .bin/.idx pair "
+                                                f"made by tools/preprocess_data.py")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -58,6 +58,7 @@ def pretrain(argv: list[str] | None = None) -> int:
     schedule = schedule_config_from_args(args, training.train_iters)
     ddp_config = ddp_config_from_args(args)
     data = DataConfig.from_args(args)
+    data.check_files()
     if args.save or args.load:
         raise ValueError("--save / --load: checkpointing is not available yet in this version of megamoe")
 

@@ -99,6 +99,7 @@ CASES = {
     "dp4-overlap": (4, dict(), VARIANTS["mixtral"], OVERLAP),
     "tp2sp-ep2-moe-dp2-do": (4, dict(tp=2, ep=2, etp=1, sequence_parallel=True), MOE, dict(**DO, **OVERLAP)),
     "pp2-tied-dp2-do-overlap": (4, dict(pp=2), VARIANTS["gpt"], dict(**DO, **OVERLAP)),
+    "pp2-vpp2-dp2-do-overlap": (4, dict(pp=2, vpp=2), dict(VARIANTS["mixtral"], num_layers=4), dict(**DO, **OVERLAP)),
     "ep4-moe-do": (4, dict(ep=4), MOE, DO),
 }
 

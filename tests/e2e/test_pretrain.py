@@ -118,3 +118,12 @@ def test_example_scripts_run_tiny(tmp_path, script):
                           env={**ENV, **sizes})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(losses(tmp_path)) == 2
+
+
+def test_missing_files_fail_on_every_rank_before_any_collective(tmp_path):
+    real = [a for a in TINY if a != "--mock-data"]
+    for extra, needle in ((["--data-path", str(tmp_path / "nothing")], "--data-path: "),
+                          (["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(tmp_path / "no.model"),
+                            "--data-path", str(tmp_path / "nothing")], "--tokenizer-model")):
+        for proc in run_ranks(2, [sys.executable, "pretrain_gpt.py", *real, *extra]):
+            assert proc.returncode == 2 and needle in proc.stderr and "does not exist" in proc.stderr
