@@ -44,6 +44,11 @@ class ModelConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     moe: MoEConfig | None = None
+    # Activation recomputation (Megatron's --recompute-*): trades a second forward in backward for memory. It
+    # changes no value: dropout masks are hashed from element identities and routing statistics are counted once.
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
 
     def __post_init__(self) -> None:
         h, heads = self.hidden_size, self.num_attention_heads
@@ -96,7 +101,21 @@ class ModelConfig:
             out.append(f"--init-method-std must be > 0, got {self.init_method_std}")
         if self.moe is not None and self.add_bias_linear:
             out.append("experts have no biases: MoE models need --disable-bias-linear")
-        return out
+        return out + self._recompute_problems()
+
+    def _recompute_problems(self) -> list[str]:
+        granularity, method, layers = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if granularity not in (None, "full", "selective"):
+            return [f"--recompute-granularity must be full or selective, got {granularity!r}"]
+        if method not in (None, "uniform", "block"):
+            return [f"--recompute-method must be uniform or block, got {method!r}"]
+        if granularity == "full" and (method is None or layers is None or layers < 1):
+            return ["--recompute-granularity full needs --recompute-method uniform|block and "
+                    "--recompute-num-layers >= 1"]
+        if granularity != "full" and method is not None:
+            return ["--recompute-method applies to --recompute-granularity full only (selective recomputes the "
+                    "core attention of every layer)"]
+        return []
 
     def layout_problems(self, parallel: ParallelConfig) -> list[str]:
         """Reasons this model cannot run under `parallel`, each naming the flags; checked before any collective."""
@@ -160,6 +179,13 @@ class ModelConfig:
         g.add_argument("--group-query-attention", action="store_true", help="use --num-query-groups")
         g.add_argument("--use-mcore-models", action="store_true", help="accepted; megamoe has one model")
         g.add_argument("--no-masked-softmax-fusion", action="store_true", help="accepted; attention uses SDPA")
+        g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                       help="full: recompute whole layers (with --recompute-method/--recompute-num-layers); "
+                            "selective: recompute the core attention only")
+        g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                       help="uniform: checkpoint groups of --recompute-num-layers layers; block: recompute the "
+                            "first --recompute-num-layers layers of each pipeline chunk")
+        g.add_argument("--recompute-num-layers", type=int, default=None)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, vocab_size: int, moe: MoEConfig | None) -> "ModelConfig":
@@ -180,7 +206,9 @@ class ModelConfig:
                    rotary_percent=args.rotary_percent, swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear,
                    untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
                    init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
-                   attention_dropout=args.attention_dropout, moe=moe)
+                   attention_dropout=args.attention_dropout, moe=moe,
+                   recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+                   recompute_num_layers=args.recompute_num_layers)
 
     # Derived sizes --------------------------------------------------------------------------------------------
     def padded_vocab_size(self, tp: int) -> int:

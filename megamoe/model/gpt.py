@@ -17,12 +17,14 @@ last the output layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.mlp import MLP
@@ -103,6 +105,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         c, tp = config, tp_group.size
         self.layer_number, self.kv_channels, self.dropout_p = layer_number, c.kv_channels, c.attention_dropout
+        self.recompute_core = c.recompute_granularity == "selective"
         self.groups_local = c.num_query_groups // tp
         self.queries_per_group = c.num_attention_heads // c.num_query_groups
         self.head_offset = tp_group.index * c.num_attention_heads // tp
@@ -124,14 +127,21 @@ class SelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))              # [b, heads, s, d]
-        if self.training and self.dropout_p > 0:
-            context = self._attention_with_dropout(q, k, v, attention_mask, dropout_ctx)
+        if self.recompute_core and torch.is_grad_enabled():
+            # Selective recomputation: the [b, heads, s, s] intermediates are rebuilt in backward, not stored.
+            context = checkpoint(self._core_attention, q, k, v, attention_mask, dropout_ctx, use_reentrant=False)
         else:
-            mask = None if attention_mask is None else ~attention_mask   # Megatron's mask: True = masked
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attention_mask is None,
-                                                     enable_gqa=True)
+            context = self._core_attention(q, k, v, attention_mask, dropout_ctx)
         context = context.permute(2, 0, 1, 3).reshape(s, b, -1)           # [s, b, heads/tp * d]
         return self.linear_proj(context)
+
+    def _core_attention(self, q, k, v, attention_mask, dropout_ctx):
+        """softmax(q k^T / sqrt(d)) v, causal or masked: [b, heads, s, d] -> [b, heads, s, d]."""
+        if self.training and self.dropout_p > 0:
+            return self._attention_with_dropout(q, k, v, attention_mask, dropout_ctx)
+        mask = None if attention_mask is None else ~attention_mask       # Megatron's mask: True = masked
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attention_mask is None,
+                                              enable_gqa=True)
 
     def _attention_with_dropout(self, q, k, v, attention_mask, ctx):
         # The explicit path, so the probabilities' dropout mask is the layout-invariant one of random.py.
@@ -191,6 +201,25 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerLayer(config, mesh, i, build_mlp, device, dtype)
                                      for i in layer_numbers})
         self.final_layernorm = Norm(config, mesh.config.sequence_parallel, device, dtype) if final_norm else None
+
+
+def recompute_plan(config: ModelConfig, num_layers: int) -> list[tuple[range, bool]]:
+    """This chunk's layers (local indices) in consecutive groups, each with whether it is recomputed (Megatron's
+    --recompute-granularity full): uniform checkpoints every group of recompute_num_layers layers, block
+    checkpoints the first recompute_num_layers layers one by one and runs the rest normally."""
+    n = config.recompute_num_layers
+    if config.recompute_granularity != "full":
+        return [(range(num_layers), False)]
+    if config.recompute_method == "uniform":
+        return [(range(i, min(i + n, num_layers)), True) for i in range(0, num_layers, n)]
+    blocked = min(n, num_layers)
+    return [(range(i, i + 1), True) for i in range(blocked)] + [(range(blocked, num_layers), False)]
+
+
+def _run_layers(layers, x, rotary, attention_mask, dropout_ctx, hidden_coords):
+    for layer in layers:
+        x = layer(x, rotary, attention_mask, dropout_ctx, hidden_coords)
+    return x
 
 
 class GPTModel(nn.Module):
@@ -288,8 +317,14 @@ class GPTModel(nn.Module):
             x = hidden_states
         rotary = (rotary_cos_sin(position_ids, c.rotary_dim, c.rotary_base)
                   if c.position_embedding_type == "rope" else None)
-        for layer in self.decoder.layers.values():
-            x = layer(x, rotary, attention_mask, dropout_ctx, hidden_coords)
+        layers = list(self.decoder.layers.values())
+        for group, recompute in recompute_plan(c, len(layers)):
+            run = functools.partial(_run_layers, layers[group.start:group.stop])
+            if recompute and torch.is_grad_enabled():
+                # Only the group's input is kept; backward runs the group's forward again.
+                x = checkpoint(run, x, rotary, attention_mask, dropout_ctx, hidden_coords, use_reentrant=False)
+            else:
+                x = run(x, rotary, attention_mask, dropout_ctx, hidden_coords)
         if not self.post_process:
             return x
         x = self.decoder.final_layernorm(x)

@@ -53,11 +53,9 @@ class MoELayer(nn.Module):
         routing = self.router(tokens, batch=b, ctx=dropout_ctx)
         out = self.dispatcher(tokens, routing.probs, routing.routing_map, self.experts,
                               routing.capacity).view(s, b, h)
-        self.metrics = routing_metrics(routing.stats["scores"], routing.stats["routed"], routing.stats["kept"])
-        if "expert_bias" in routing.stats:
-            self.metrics["expert_bias"] = routing.stats["expert_bias"]
+        if torch._C._current_graph_task_id() == -1:  # not again when backward recomputes the forward
+            self._record_metrics(routing)
         if routing.aux_loss is not None:
-            self.metrics["aux_loss"] = routing.aux_loss.detach()
             out = attach_aux_loss(out, routing.aux_loss, self.aux_loss_scale)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
@@ -65,6 +63,14 @@ class MoELayer(nn.Module):
                 shared = shared * torch.sigmoid(F.linear(x, self.shared_expert_gate))
             out = out + shared
         return out
+
+
+    def _record_metrics(self, routing) -> None:
+        self.metrics = routing_metrics(routing.stats["scores"], routing.stats["routed"], routing.stats["kept"])
+        if "expert_bias" in routing.stats:
+            self.metrics["expert_bias"] = routing.stats["expert_bias"]
+        if routing.aux_loss is not None:
+            self.metrics["aux_loss"] = routing.aux_loss.detach()
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

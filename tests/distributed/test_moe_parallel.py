@@ -149,3 +149,10 @@ def test_global_aux_loss_is_invariant_to_tp_ep_etp_and_dispatcher(dist_run):
             want = sum(p["grads"][name] for p in plain)
             got = sum(r["grads"][name] for r in layout)
             assert ((got - want).norm() / want.norm()).item() < 1e-5, name
+
+
+def test_recomputation_under_tp_sp_ep_equals_single_process(dist_run):
+    """Full recomputation reruns the layers' collectives (SP gathers, routing gather, all-to-all) in backward."""
+    kwargs = dict(moe_model(token_dispatcher_type="alltoall"), hidden_dropout=0.1, attention_dropout=0.1,
+                  recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    check_against_single_process(kwargs, dist_run(4, _train_body, kwargs, TP2_EP2), training=True)
