@@ -64,6 +64,9 @@ class DataConfig:
             raise ValueError("give either --data-path with --split, or per-split --*-data-path, not both")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.dist_mmap and (self.mock_data or len(self.data_path or self.train_data_path) != 1):
+            raise ValueError("--dist-mmap shards the sample index of one dataset: give one --data-path prefix "
+                             "(no blend, no --mock-data), or leave --dist-mmap out")
 
     def check_files(self) -> None:
         """Raise FileNotFoundError naming the flag when a .bin/.idx is missing (cheap: run before any collective)."""
@@ -167,3 +170,21 @@ def build_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank:
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        persistent_workers=num_workers > 0)
+
+
+def build_train_loader(config: DataConfig, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                       dp_size: int, barrier=lambda: None, build: bool = True) -> torch.utils.data.DataLoader:
+    """The training micro-batches of this data-parallel rank: from the full sample index, or with --dist-mmap
+    from this rank's shard of it (written once for every rank, beside the index cache, by the rank that builds)."""
+    if not config.dist_mmap:
+        return build_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size, config.num_workers)
+    from megamoe.data.rank_shard import RankShardDataset, build_shard_loader, shard_prefix, write_rank_shards
+
+    last = shard_prefix(dataset.cache_dir, dataset.cache_name, dp_size - 1, dp_size, micro_batch_size)
+    if build and not os.path.isfile(last + ".lengths.npy"):  # the last file written
+        write_rank_shards(dataset, dataset.cache_dir, dataset.cache_name, micro_batch_size, dp_size)
+    barrier()
+    shard = RankShardDataset(dataset.indexed.prefix + ".bin", dataset.indexed.dtype,
+                             shard_prefix(dataset.cache_dir, dataset.cache_name, dp_rank, dp_size, micro_batch_size),
+                             dataset.config)
+    return build_shard_loader(shard, consumed_samples, micro_batch_size, dp_size, config.num_workers)

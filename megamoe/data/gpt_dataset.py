@@ -137,6 +137,7 @@ class GPTDataset(torch.utils.data.Dataset):
         digest = hashlib.md5(self.description.encode()).hexdigest()
         cache = config.cache_dir or os.path.join(os.path.dirname(os.path.abspath(indexed.prefix)), "cache",
                                                  "GPTDataset_indices")
+        self.cache_dir, self.cache_name = cache, f"{digest}-GPTDataset-{split_name}"
         paths = {k: os.path.join(cache, f"{digest}-GPTDataset-{split_name}-{k}.npy")
                  for k in ("document_index", "sample_index", "shuffle_index")}
         if build and not all(os.path.isfile(p) for p in paths.values()):

@@ -246,50 +246,72 @@ class MegatronOptimizer:
         r.main.add_(buf if self.config.sgd_momentum else g, alpha=-lr)
 
     # State dicts -------------------------------------------------------------------------------------------------
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Names of the per-element state tensors, in region.state order."""
+        return ("exp_avg", "exp_avg_sq") if self.config.optimizer == "adam" else ("momentum",)
+
+    @property
+    def main_is_param(self) -> bool:
+        """The fp32 main values are the parameters themselves (fp32 models), not a separate copy."""
+        return all(r.main.data_ptr() == r.buffer.param[r.lo:r.hi].data_ptr() for r in self.regions)
+
+    def pieces(self):
+        """Per parameter that this rank's regions cover: (global name, parameter, (start, end) of the covered range
+        of the flattened local parameter, main values, [state tensors]). The tensors are views of the optimizer's
+        flat buffers over that range: writing them changes the optimizer."""
+        for r in self.regions:
+            for p, off in r.buffer.offsets.items():
+                a, b = max(r.lo, off), min(r.hi, off + p.numel())
+                if a < b:
+                    yield (self._names[id(p)], p, (a - off, b - off), r.main[a - r.lo:b - r.lo],
+                           [t[a - r.lo:b - r.lo] for t in r.state])
+
     def state_dict(self) -> dict:
         """Counters, loss scaler, and per parameter (by global name) this rank's piece of its optimizer state.
 
         Each piece says what it covers: the parameter's ParamSpec (global shape, tp/etp shard, experts) and the
-        [start, end) range of the flattened local shard, so a checkpoint can place it in the global tensor.
+        [start, end) range of the flattened local shard (megamoe.checkpoint places it in the global tensor).
         """
-        pieces = {}
-        for r in self.regions:
-            for p, off in r.buffer.offsets.items():
-                a, b = max(r.lo, off), min(r.hi, off + p.numel())
-                if a >= b:
-                    continue
-                pieces[self._names[id(p)]] = {
-                    "spec": dataclasses.asdict(p.spec), "flat": (a - off, b - off),
-                    "main": r.main[a - r.lo:b - r.lo].clone(),
-                    "state": [t[a - r.lo:b - r.lo].clone() for t in r.state]}
+        pieces = {name: {"spec": dataclasses.asdict(p.spec), "flat": flat, "main": main.clone(),
+                         "state": [t.clone() for t in state]}
+                  for name, p, flat, main, state in self.pieces()}
+        return {**self.counters(), "params": pieces}
+
+    def counters(self) -> dict:
+        """Iteration, skipped iterations and the loss scaler's state (JSON-serializable)."""
         scaler = None if self.scaler is None else dict(vars(self.scaler))
-        return {"iteration": self.iteration, "skipped_iterations": self.skipped_iterations, "scaler": scaler,
-                "params": pieces}
+        return {"iteration": self.iteration, "skipped_iterations": self.skipped_iterations, "scaler": scaler}
+
+    def load_counters(self, counters: dict) -> None:
+        self.iteration, self.skipped_iterations = counters["iteration"], counters["skipped_iterations"]
+        if self.scaler is not None and counters["scaler"] is not None:
+            vars(self.scaler).update(counters["scaler"])
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Restore a state_dict() saved under the same layout (checkpoint tools reshard across layouts)."""
-        self.iteration, self.skipped_iterations = state["iteration"], state["skipped_iterations"]
-        if self.scaler is not None and state["scaler"] is not None:
-            vars(self.scaler).update(state["scaler"])
-        mine = self.state_dict()["params"]
+        """Restore a state_dict() saved under the same layout (megamoe.checkpoint reshards across layouts)."""
+        self.load_counters(state)
+        mine = {name: (p, flat, main, views) for name, p, flat, main, views in self.pieces()}
         if set(mine) != set(state["params"]):
             missing = sorted(set(mine) ^ set(state["params"]))[:5]
             raise ValueError(f"optimizer state does not match this model: first differing parameters {missing}")
+        for name, (p, flat, main, views) in mine.items():
+            piece = state["params"][name]
+            if tuple(piece["flat"]) != flat or piece["spec"] != dataclasses.asdict(p.spec):
+                raise ValueError(f"optimizer state of {name} was saved under another layout; load it through "
+                                 f"megamoe.checkpoint, which reshards")
+            main.copy_(piece["main"])
+            for t, saved in zip(views, piece["state"]):
+                t.copy_(saved)
+        self.write_main_to_params()
+
+    @torch.no_grad()
+    def write_main_to_params(self) -> None:
+        """Copy the main values into this rank's parameters where they are a separate (fp32) copy."""
         for r in self.regions:
-            for p, off in r.buffer.offsets.items():
-                a, b = max(r.lo, off), min(r.hi, off + p.numel())
-                if a >= b:
-                    continue
-                piece = state["params"][self._names[id(p)]]
-                if tuple(piece["flat"]) != (a - off, b - off) or piece["spec"] != dataclasses.asdict(p.spec):
-                    raise ValueError(f"optimizer state of {self._names[id(p)]} was saved under another layout; "
-                                     f"reshard it with the checkpoint tools")
-                r.main[a - r.lo:b - r.lo].copy_(piece["main"])
-                for t, saved in zip(r.state, piece["state"]):
-                    t[a - r.lo:b - r.lo].copy_(saved)
-                if r.main.data_ptr() != r.buffer.param[r.lo:r.hi].data_ptr():
-                    r.buffer.param[a:b].copy_(piece["main"])
+            if r.main.data_ptr() != r.buffer.param[r.lo:r.hi].data_ptr():
+                r.buffer.param[r.lo:r.hi].copy_(r.main)
 
     def zero_grad(self, ddps: list[DistributedDataParallel]) -> None:
         for ddp in ddps:

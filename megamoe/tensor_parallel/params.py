@@ -141,4 +141,6 @@ def initialize_parameters(module: nn.Module, seed: int, prefix: str = "") -> Non
         spec = getattr(param, "spec", None)
         if spec is None:
             raise ValueError(f"parameter {prefix + name} has no ParamSpec; create it with new_param()")
+        if param.device.type == "meta":  # a shape-only model (e.g. to list a checkpoint's tensors): no values
+            continue
         param.copy_(local_init_tensor(spec, seed, prefix + name).to(param.dtype))

@@ -1,23 +1,29 @@
-"""pretrain(): flags -> validated configs -> mesh -> model chunks -> optimizer -> data -> training loop.
+"""pretrain(): flags -> validated configs -> mesh -> model chunks -> optimizer -> checkpoint -> data -> training loop.
 
 Every config is built and checked from the flags and the launcher's world size before torch.distributed starts,
-so bad input fails the same way on every rank and nothing hangs. Each iteration runs the pipeline schedule over
-the step's micro-batches, finalizes gradients, steps the optimizer, and every --log-interval prints Megatron's
-iteration line (on the last rank) and appends one JSON object to {log_dir}/metrics.jsonl.
+and so is the checkpoint to load (its tracker, common.json and tensor shapes against the flags' model), so bad
+input fails the same way on every rank and nothing hangs. Each iteration runs the pipeline schedule over the
+step's micro-batches, finalizes gradients and steps the optimizer; every --log-interval the last rank prints
+Megatron's iteration line and the writers record it (metrics.jsonl, TensorBoard, wandb); every --eval-interval the
+validation split is evaluated; every --save-interval, at an exit condition and at the end a checkpoint is saved.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime
-import json
 import math
-import os
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from megamoe.data.builder import DataConfig, build_datasets, build_loader, split_sample_counts
+from megamoe.checkpoint.checkpointer import (CheckpointConfig, check_model_shapes, find_checkpoint, load_checkpoint,
+                                             save_checkpoint)
+from megamoe.data.builder import DataConfig, build_datasets, build_train_loader, build_loader, split_sample_counts
 from megamoe.data.tokenizers import tokenizer_from_args
 from megamoe.distributed.data_parallel import DistributedDataParallel, ddp_config_from_args
 from megamoe.distributed.finalize import finalize_grads
@@ -35,18 +41,38 @@ from megamoe.parallel.world import init_distributed, read_launch_env
 from megamoe.pipeline.schedules import forward_backward
 from megamoe.pipeline.stages import PipelineSplit, build_model_chunks
 from megamoe.training.config import TrainingConfig, build_parser
+from megamoe.training.profiling import ProfileConfig, StepProfiler
+from megamoe.training.writers import LoggingConfig, MetricsWriter
 
 
-def _log(mesh: ParallelMesh, message: str, rank: int | None = None) -> None:
-    if mesh.rank == (mesh.config.world_size - 1 if rank is None else rank):
-        print(message, flush=True)
+@dataclass
+class Run:
+    """Everything a training run is made of, built once by pretrain()."""
+
+    args: argparse.Namespace
+    mesh: ParallelMesh
+    model: ModelConfig
+    training: TrainingConfig
+    checkpoint: CheckpointConfig
+    chunks: list
+    ddps: list
+    optimizer: MegatronOptimizer
+    writer: MetricsWriter
+    profiler: StepProfiler
+    iteration: int = 0
+    consumed_samples: int = 0
+
+    def log(self, message: str) -> None:
+        """Print on the last rank (the one that holds the loss), like Megatron's print_rank_last."""
+        if self.mesh.rank == self.mesh.config.world_size - 1:
+            print(message, flush=True)
 
 
 def pretrain(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    launch = read_launch_env()
+    world_size = dist.get_world_size() if dist.is_initialized() else read_launch_env().world_size
     # Everything validated before any collective: the same error on every rank.
-    parallel = ParallelConfig.from_args(args, launch.world_size)
+    parallel = ParallelConfig.from_args(args, world_size)
     tokenizer = tokenizer_from_args(args)
     model = ModelConfig.from_args(args, tokenizer.vocab_size, MoEConfig.from_args(args))
     model.check_layout(parallel)
@@ -54,21 +80,45 @@ def pretrain(argv: list[str] | None = None) -> int:
                           args.decoder_last_pipeline_num_layers)
     training = TrainingConfig.from_args(args, parallel.dp)
     training.check(parallel.dp)
+    if training.rampup_batch_size and parallel.vpp and training.rampup_batch_size.start < (
+            parallel.pp * training.micro_batch_size * parallel.dp):
+        raise ValueError(f"--rampup-batch-size: the interleaved schedule needs >= {parallel.pp} micro-batches from "
+                         f"the first step; raise the start batch size")
     optimizer_config = optimizer_config_from_args(args)
     schedule = schedule_config_from_args(args, training.train_iters)
     ddp_config = ddp_config_from_args(args)
     data = DataConfig.from_args(args)
     data.check_files()
-    if args.save or args.load:
-        raise ValueError("--save / --load: checkpointing is not available yet in this version of megamoe")
+    logging_config = LoggingConfig.from_args(args)
+    logging_config.check()
+    profile = ProfileConfig.from_args(args)
+    profile.check(world_size)
+    checkpoint = CheckpointConfig.from_args(args)
+    found = find_checkpoint(checkpoint)
+    if found is not None:
+        check_model_shapes(found, model)
 
+    created_world = not dist.is_initialized()
     init_distributed()
     mesh = ParallelMesh(parallel)
     dtype = torch.bfloat16 if optimizer_config.bf16 else torch.float16 if optimizer_config.fp16 else torch.float32
     chunks = build_model_chunks(model, mesh, split, seed=training.seed, dtype=dtype)
     ddps = [DistributedDataParallel(chunk, mesh, ddp_config) for chunk in chunks]
     optimizer = MegatronOptimizer(ddps, mesh, optimizer_config, schedule)
-    _report(mesh, model, chunks, training)
+    writer = MetricsWriter(logging_config, vars(args), active=mesh.rank == world_size - 1)
+    run = Run(args, mesh, model, training, checkpoint, chunks, ddps, optimizer, writer,
+              StepProfiler(profile, mesh.rank))
+    _report(run)
+    if found is not None:
+        for message in found.messages:
+            run.log(message)
+        finetune = checkpoint.finetune
+        load_checkpoint(found, chunks, optimizer, mesh, load_optim=not (checkpoint.no_load_optim or finetune),
+                        load_rng=not (checkpoint.no_load_rng or finetune))
+        if not finetune:
+            run.iteration, run.consumed_samples = found.iteration, found.common["consumed_samples"]
+        run.log(f"loaded checkpoint {found.path} at iteration {found.iteration}"
+                + (" (--finetune: starting at iteration 0)" if finetune else ""))
 
     counts = split_sample_counts(training.train_iters, training.eval_interval, training.eval_iters,
                                  training.global_batch_size)
@@ -76,15 +126,32 @@ def pretrain(argv: list[str] | None = None) -> int:
     datasets = build_datasets(data, tokenizer.vocab_size, tokenizer.eod, tokenizer.pad if tokenizer.pad is not None
                               else -1, counts, barrier=barrier, build=mesh.rank == 0)
     dp_rank, dp = mesh.coordinates["dp"], mesh.config.dp
-    loaders = [build_loader(ds, 0, training.micro_batch_size, dp_rank, dp, data.num_workers) if ds is not None
-               else None for ds in datasets]
-    num_mb = training.num_microbatches(dp)
-    return _train(args, mesh, chunks, ddps, optimizer, schedule, training, loaders, num_mb, model)
+    train = build_train_loader(data, datasets[0], run.consumed_samples, training.micro_batch_size, dp_rank, dp,
+                               barrier=barrier, build=mesh.rank == 0)
+    # Validation continues through its split from one evaluation to the next, as Megatron's iterator does (a
+    # resumed run skips what the evaluations before the checkpoint read).
+    evaluated = (run.iteration // training.eval_interval) * training.eval_iters * training.global_batch_size
+    evaluation = [iter(build_loader(ds, skip, training.micro_batch_size, dp_rank, dp, data.num_workers))
+                  if ds is not None and training.eval_iters > 0 else None
+                  for ds, skip in zip(datasets[1:], (evaluated, 0))]
+    try:
+        _train(run, iter(train), evaluation[0])
+        if evaluation[0] is not None:
+            _evaluate(run, evaluation[0], "validation")
+        if evaluation[1] is not None:
+            _evaluate(run, evaluation[1], "test")
+    finally:
+        run.profiler.close()
+        run.writer.close()
+    if created_world:
+        dist.destroy_process_group()
+    return 0
 
 
-def _report(mesh, model, chunks, training) -> None:
+def _report(run: Run) -> None:
+    mesh, model = run.mesh, run.model
     counts = parameter_counts(model, mesh.config.tp)
-    local = sum(local_parameter_count(c) for c in chunks)
+    local = sum(local_parameter_count(c) for c in run.chunks)
     if mesh.rank == 0:
         print(mesh.layout.format_table(), flush=True)
         print(f"parameters: total {counts.total:,}, expert {counts.expert:,}, non-expert {counts.non_expert:,}, "
@@ -104,46 +171,62 @@ def _batches(iterator, num_mb: int, consumed: int, micro_batch_size: int, dp_ran
     return batches
 
 
-def _train(args, mesh, chunks, ddps, optimizer, schedule, training, loaders, num_mb, model) -> int:
+def _train(run: Run, train_iter, valid_iter) -> None:
+    mesh, training, optimizer = run.mesh, run.training, run.optimizer
     stop = {"signal": False}
     if training.exit_signal_handler:
         signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
-    metrics_file = None
-    if training.log_dir and mesh.rank == mesh.config.world_size - 1:
-        os.makedirs(training.log_dir, exist_ok=True)
-        metrics_file = open(os.path.join(training.log_dir, "metrics.jsonl"), "a")
-    train_iter = iter(loaders[0])
-    flops = training_flops_per_sample(model, tp=mesh.config.tp) * training.global_batch_size
-    start, consumed, window = time.time(), 0, []
-    dp_rank = mesh.coordinates["dp"]
-    for iteration in range(1, training.train_iters + 1):
-        tick = time.time()
-        batches = _batches(train_iter, num_mb, consumed, training.micro_batch_size, dp_rank, mesh.config.dp)
-        out = forward_backward(chunks, batches, mesh, per_token_loss=training.calculate_per_token_loss,
-                               grad_scale=optimizer.loss_scale, ddps=ddps)
-        finalize_grads(chunks, mesh, out.num_tokens() if training.calculate_per_token_loss else None, ddps=ddps)
+    flops_per_sample = training_flops_per_sample(run.model, tp=mesh.config.tp)
+    start, window, saved_at = time.time(), [], None
+    while run.iteration < training.train_iters:
+        run.iteration += 1
+        iteration, tick = run.iteration, time.time()
+        run.profiler.begin(iteration)
+        batch_size = training.batch_size(run.consumed_samples)
+        num_mb = batch_size // (training.micro_batch_size * mesh.config.dp)
+        batches = _batches(train_iter, num_mb, run.consumed_samples, training.micro_batch_size,
+                           mesh.coordinates["dp"], mesh.config.dp)
+        out = forward_backward(run.chunks, batches, mesh, per_token_loss=training.calculate_per_token_loss,
+                               grad_scale=optimizer.loss_scale, ddps=run.ddps)
+        finalize_grads(run.chunks, mesh, out.num_tokens() if training.calculate_per_token_loss else None,
+                       ddps=run.ddps)
         applied, grad_norm = optimizer.step()
-        lr_used = learning_rate(schedule, optimizer.iteration - 1 if applied else optimizer.iteration)
-        optimizer.zero_grad(ddps)
-        consumed += training.global_batch_size
+        lr_used = learning_rate(optimizer.schedule, optimizer.iteration - 1 if applied else optimizer.iteration)
+        optimizer.zero_grad(run.ddps)
+        run.consumed_samples += batch_size
         loss = _replica_mean_loss(mesh, out)
         if mesh.is_last_stage and not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at iteration {iteration}: lower --lr, raise --clip-grad "
                                      f"or check the data")
-        window.append((time.time() - tick, loss))
+        run.profiler.end(iteration)
+        window.append((time.time() - tick, loss, batch_size))
         if iteration % training.log_interval == 0:
-            _log_iteration(mesh, training, iteration, consumed, window, lr_used, grad_norm, optimizer, flops,
-                           chunks, metrics_file)
+            _log_iteration(run, window, lr_used, grad_norm, flops_per_sample)
             window = []
-        if loaders[1] is not None and iteration % training.eval_interval == 0:
-            _evaluate(mesh, chunks, loaders[1], training, num_mb, iteration)
-        if _should_exit(mesh, training, iteration, start, stop):
-            _log(mesh, f"exiting at iteration {iteration}")
-            break
-    if metrics_file is not None:
-        metrics_file.close()
-    torch.distributed.destroy_process_group()
-    return 0
+        if valid_iter is not None and iteration % training.eval_interval == 0:
+            _evaluate(run, valid_iter, "validation")
+        checkpoint = run.checkpoint
+        if checkpoint.save and checkpoint.save_interval and iteration % checkpoint.save_interval == 0:
+            saved_at = _save(run)
+        if _should_exit(run, start, stop):
+            if checkpoint.save and saved_at != iteration:
+                saved_at = _save(run)
+            run.log(f"exiting at iteration {iteration}")
+            return
+    if run.checkpoint.save and saved_at != run.iteration:
+        _save(run)
+
+
+def _save(run: Run) -> int:
+    tick = time.time()
+    c = run.checkpoint
+    common = {"consumed_samples": run.consumed_samples, "parallel": dataclasses.asdict(run.mesh.config),
+              "model": dataclasses.asdict(run.model), "training": dataclasses.asdict(run.training),
+              "args": vars(run.args)}
+    path = save_checkpoint(c.save, run.iteration, run.chunks, run.optimizer, run.mesh, common,
+                           save_optim=not c.no_save_optim, save_rng=not c.no_save_rng)
+    run.log(f"saved checkpoint {path} at iteration {run.iteration} in {time.time() - tick:.2f} s")
+    return run.iteration
 
 
 def _replica_mean_loss(mesh, out) -> float:
@@ -155,51 +238,59 @@ def _replica_mean_loss(mesh, out) -> float:
     return value.item() / mesh.config.dp
 
 
-def _log_iteration(mesh, training, iteration, consumed, window, lr, grad_norm, optimizer, flops, chunks,
-                   metrics_file) -> None:
-    elapsed = sum(t for t, _ in window) / len(window)
-    loss = sum(v for _, v in window) / len(window)
-    moe = reduce_metrics({layer.layer_number: layer.metrics for c in chunks for layer in moe_layers(c)
-                          if layer.metrics}, mesh["dp_cp"])
+def _log_iteration(run: Run, window, lr, grad_norm, flops_per_sample) -> None:
+    mesh, training, optimizer = run.mesh, run.training, run.optimizer
+    elapsed = sum(t for t, _, _ in window) / len(window)
+    loss = sum(v for _, v, _ in window) / len(window)
+    batch_size = window[-1][2]
+    moe_config = run.model.moe
+    moe = reduce_metrics({layer.layer_number: layer.metrics for c in run.chunks for layer in moe_layers(c)
+                          if layer.metrics}, mesh["dp_cp"], mesh["pp"], run.model.num_layers,
+                         moe_config.num_experts if moe_config else 0)
     aux = sum(m.get("aux_loss", 0.0) for m in moe.values())
-    tokens = training.global_batch_size * chunks[0].config.seq_length
+    tokens = batch_size * run.model.seq_length
+    flops = flops_per_sample * batch_size
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
-    line = (f" [{now}] iteration {iteration:8d}/{training.train_iters:8d} | consumed samples: {consumed:12d} | "
-            f"elapsed time per iteration (ms): {elapsed * 1000:.1f} | throughput per GPU (TFLOP/s/GPU): "
-            f"{flops / elapsed / 1e12 / mesh.config.world_size:.3f} | tokens per second: {tokens / elapsed:.1f} | "
-            f"learning rate: {lr:.6E} | global batch size: {training.global_batch_size:5d} | lm loss: {loss:.6E} | ")
+    line = (f" [{now}] iteration {run.iteration:8d}/{training.train_iters:8d} | consumed samples: "
+            f"{run.consumed_samples:12d} | elapsed time per iteration (ms): {elapsed * 1000:.1f} | throughput per "
+            f"GPU (TFLOP/s/GPU): {flops / elapsed / 1e12 / mesh.config.world_size:.3f} | tokens per second: "
+            f"{tokens / elapsed:.1f} | learning rate: {lr:.6E} | global batch size: {batch_size:5d} | "
+            f"lm loss: {loss:.6E} | ")
     if moe:
         line += f"load_balancing_loss: {aux:.6E} | "
     line += (f"loss scale: {optimizer.loss_scale:.1f} | grad norm: {grad_norm or 0.0:.3f} | "
              f"number of skipped iterations: {optimizer.skipped_iterations:3d} | number of nan iterations: {0:3d} |")
-    _log(mesh, line)
-    if metrics_file is not None:
-        metrics_file.write(json.dumps({"iteration": iteration, "consumed_samples": consumed, "lm loss": loss,
-                                       "learning rate": lr, "grad norm": grad_norm, "elapsed ms": elapsed * 1000,
-                                       "tokens per second": tokens / elapsed,
-                                       "moe": {str(k): v for k, v in moe.items()}}) + "\n")
-        metrics_file.flush()
+    run.log(line)
+    run.writer.log("train", run.iteration, {
+        "lm loss": loss, "learning rate": lr, "grad norm": grad_norm, "loss scale": optimizer.loss_scale,
+        "global batch size": batch_size, "consumed samples": run.consumed_samples, "elapsed ms": elapsed * 1000,
+        "tokens per second": tokens / elapsed, **({"load_balancing_loss": aux} if moe else {})}, moe)
 
 
-def _evaluate(mesh, chunks, loader, training, num_mb, iteration) -> None:
-    for chunk in chunks:
+def _evaluate(run: Run, iterator, split: str) -> None:
+    """--eval-iters forward-only steps on a split (continuing its iterator); logs loss and perplexity."""
+    mesh, training = run.mesh, run.training
+    num_mb = training.num_microbatches(mesh.config.dp, run.consumed_samples)
+    for chunk in run.chunks:
         chunk.eval()
-    iterator, total = iter(loader), 0.0
+    total = 0.0
     for _ in range(training.eval_iters):
-        out = forward_backward(chunks, [next(iterator) for _ in range(num_mb)], mesh, forward_only=True)
+        out = forward_backward(run.chunks, [next(iterator) for _ in range(num_mb)], mesh, forward_only=True)
         total += _replica_mean_loss(mesh, out)
-    for chunk in chunks:
+    for chunk in run.chunks:
         chunk.train()
     loss = total / training.eval_iters
-    _log(mesh, f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
-               f"lm loss PPL: {math.exp(min(loss, 20)):.6E} |")
+    ppl = math.exp(min(loss, 20))
+    run.log(f" {split} loss at iteration {run.iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |")
+    run.writer.log("valid" if split == "validation" else split, run.iteration, {"lm loss": loss, "lm loss PPL": ppl})
 
 
-def _should_exit(mesh, training, iteration, start, stop) -> bool:
-    if training.exit_interval and iteration % training.exit_interval == 0:
+def _should_exit(run: Run, start: float, stop: dict) -> bool:
+    training = run.training
+    if training.exit_interval and run.iteration % training.exit_interval == 0:
         return True
-    # Time and signals are agreed on by every rank, so all of them stop at the same iteration.
+    # Time and signals are agreed on by every rank, so all of them stop (and save) at the same iteration.
     flag = torch.tensor([float(stop["signal"] or (training.exit_duration_in_mins is not None
                                                   and time.time() - start > 60 * training.exit_duration_in_mins))])
-    comm.all_reduce(flag, mesh.world, op=comm.ReduceOp.MAX)
+    comm.all_reduce(flag, run.mesh.world, op=comm.ReduceOp.MAX)
     return bool(flag.item())
