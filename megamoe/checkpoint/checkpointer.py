@@ -248,7 +248,8 @@ def expected_model_shapes(model_config) -> dict[str, tuple[int, ...]]:
     from megamoe.parallel.config import ParallelConfig
     from megamoe.parallel.mesh import ParallelMesh
 
-    model = GPTModel(model_config, ParallelMesh(ParallelConfig(world_size=1), device=torch.device("meta")),
+    model = GPTModel(model_config, ParallelMesh(ParallelConfig(world_size=1), device=torch.device("meta"),
+                                                  standalone=True),
                      device=torch.device("meta"))
     shapes = {f"model/{n}": saved_shape(p.spec) for n, p in model.named_parameters()}
     shapes.update({f"model/{n}": tuple(b.shape) for n, b in model.named_buffers()})

@@ -36,7 +36,8 @@ class ParallelMesh:
     mesh["pos_embd"] are None on ranks that hold no embedding. Each distinct set of ranks gets one torch process
     group however many kinds share it; groups of one rank get none.
 
-    A mesh of one rank may be built without torch.distributed (single-process tools and tests).
+    A mesh of one rank may be built without torch.distributed (single-process tools and tests), and with
+    standalone=True also inside a multi-rank world (e.g. a shape-only model that lists a checkpoint's tensors).
 
     Args:
         config: validated sizes; its world_size must equal the launched world size.
@@ -47,8 +48,11 @@ class ParallelMesh:
     """
 
     def __init__(self, config: ParallelConfig, *, backend: str | None = None, device: torch.device | None = None,
-                 timeout: timedelta = DEFAULT_TIMEOUT, ledger: CommLedger | None = None) -> None:
-        initialized = dist.is_initialized()
+                 timeout: timedelta = DEFAULT_TIMEOUT, ledger: CommLedger | None = None,
+                 standalone: bool = False) -> None:
+        if standalone and config.world_size != 1:
+            raise ValueError("a standalone ParallelMesh has one rank")
+        initialized = dist.is_initialized() and not standalone
         if not initialized and config.world_size != 1:
             raise RuntimeError("ParallelMesh needs an initialized torch.distributed world: call "
                                "megamoe.parallel.world.init_distributed() first (under torchrun or srun)")
