@@ -18,9 +18,10 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "logging": ["wandb", "tensorboard"],
+        "logging": ["wandb", "tensorboard", "matplotlib"],
         # Imported only when present and on CUDA; every path has a pure-PyTorch twin.
         "gpu": ["transformer-engine", "grouped_gemm"],
-        "dev": ["pytest"],
+        # The tests also check the writers, the plots and the Hugging Face conversion.
+        "dev": ["pytest", "wandb", "tensorboard", "matplotlib", "transformers"],
     },
 )

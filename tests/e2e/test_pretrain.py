@@ -19,15 +19,20 @@ TINY = ("--mock-data --vocab-size 512 --num-layers 4 --hidden-size 64 --num-atte
         "--num-workers 0").split()
 
 
-def run(nproc, extra, log_dir, timeout=600):
+def run(nproc, extra, log_dir, timeout=600, extra_env=None):
     cmd = ([sys.executable, "pretrain_gpt.py"] if nproc == 1 else [*TORCHRUN, "--nproc-per-node", str(nproc),
                                                                   "pretrain_gpt.py"])
     return subprocess.run(cmd + TINY + extra + ["--log-dir", str(log_dir)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+                          timeout=timeout, env={**ENV, **(extra_env or {})})
+
+
+def records(log_dir, split="train"):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
 
 
 def losses(log_dir):
-    return [json.loads(line)["lm loss"] for line in open(os.path.join(log_dir, "metrics.jsonl"))]
+    return [r["lm loss"] for r in records(log_dir)]
 
 
 def test_four_ranks_train_the_same_model_as_one(tmp_path):
@@ -70,12 +75,12 @@ def test_megatron_mixtral_script_runs_tiny_with_mock_data(tmp_path):
     assert len(losses(tmp_path)) == 2 and "iteration        2/       2" in proc.stdout
 
 
-def test_sigterm_with_the_handler_exits_cleanly(tmp_path):
+def test_sigterm_with_the_handler_saves_and_exits_cleanly(tmp_path):
     import signal
     import time
 
     cmd = [sys.executable, "pretrain_gpt.py", *TINY, "--train-iters", "100000", "--exit-signal-handler",
-           "--log-dir", str(tmp_path)]
+           "--log-dir", str(tmp_path), "--save", str(tmp_path / "ckpt")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
@@ -84,6 +89,8 @@ def test_sigterm_with_the_handler_exits_cleanly(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "exiting at iteration" in out
+    iteration = int(open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read())
+    assert f"saved checkpoint {tmp_path / 'ckpt' / f'iter_{iteration:07d}'} at iteration {iteration}" in out
 
 
 def test_loss_falls_on_real_text(tmp_path):

@@ -1,0 +1,89 @@
+"""pretrain_gpt.py and checkpoints as a user meets them: a rank killed with SIGKILL in the middle of a save leaves
+the previous checkpoint loadable, resuming names the partial save and continues; bad --load input fails on every
+rank before any collective."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from megamoe.parallel.world import free_port
+from tests.e2e.ranks import run_ranks
+from tests.e2e.test_pretrain import ENV, TINY, losses, run
+
+TWO_RANKS = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+
+
+def _start_ranks(nproc, argv):
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "pretrain_gpt.py", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**ENV, "RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(r),
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            for r in range(nproc)]
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    procs = _start_ranks(2, [*TINY, *TWO_RANKS, "--train-iters", "1000", "--save", str(ckpt), "--save-interval", "1",
+                             "--log-dir", str(tmp_path / "first")])
+    # Wait until a save after the first published one is in flight, then SIGKILL rank 1 in the middle of it.
+    deadline, partial = time.time() + 180, None
+    while time.time() < deadline and partial is None:
+        if (ckpt / "latest_checkpointed_iteration.txt").exists():
+            partial = next((p for p in ckpt.glob("iter_*.tmp") if any(p.iterdir())), None)
+    assert partial is not None, "no save was caught in flight"
+    procs[1].send_signal(signal.SIGKILL)
+    procs[0].kill()  # what torchrun does to the other ranks when one dies
+    for p in procs:
+        p.communicate(timeout=60)
+    published = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert (ckpt / f"iter_{published:07d}" / "common.json").exists()
+
+    resumed = run(2, [*TWO_RANKS, "--load", str(ckpt), "--train-iters", str(published + 2)], tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if partial.exists():  # the killed save was not published: it is named and skipped
+        assert f"ignoring {partial}: a save that did not finish" in resumed.stdout
+    assert f"loaded checkpoint {ckpt / f'iter_{published:07d}'} at iteration {published}" in resumed.stdout
+    assert len(losses(tmp_path / "resumed")) == 2
+
+
+def test_bad_load_input_fails_on_every_rank_before_any_collective(tmp_path):
+    saved = run(1, ["--train-iters", "2", "--save", str(tmp_path / "ckpt")], tmp_path / "first")
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    cases = (
+        (["--load", str(tmp_path / "absent")], "--load {}/absent does not exist"),
+        (["--load", str(tmp_path / "first")], "has no latest_checkpointed_iteration.txt"),
+        (["--load", str(tmp_path / "ckpt"), "--hidden-size", "32"], "does not match the model of the flags"),
+        (["--load", str(tmp_path / "ckpt"), "--ckpt-step", "7"], "iter_0000007 is missing or incomplete"),
+        (["--load", str(tmp_path / "ckpt"), "--num-experts", "3", "--expert-model-parallel-size", "2"],
+         "--num-experts 3"),
+        (["--fp16", "--bf16"], "--fp16 and --bf16 exclude each other"),
+    )
+    for extra, needle in cases:
+        for proc in run_ranks(2, [sys.executable, "pretrain_gpt.py", *TINY, *extra]):
+            assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+            assert needle.format(tmp_path) in proc.stderr, (extra, proc.stderr[-2000:])
+
+
+def test_dist_mmap_trains_on_the_same_samples(tmp_path):
+    import numpy as np
+
+    from megamoe.data.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(str(tmp_path / "corpus.bin"), dtype=np.uint16)
+    for _ in range(300):
+        doc = rng.integers(1, 500, rng.integers(5, 80))
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(str(tmp_path / "corpus.idx"))
+    real = [a for a in TINY if a != "--mock-data"] + ["--tokenizer-type", "NullTokenizer", "--data-path",
+                                                      str(tmp_path / "corpus"), "--train-iters", "4", "--split", "1,0,0"]
+    results = []
+    for name, extra in (("full", []), ("shards", ["--dist-mmap"])):
+        proc = run_ranks(2, [sys.executable, "pretrain_gpt.py", *real, *extra, "--log-dir", str(tmp_path / name)])
+        assert all(p.returncode == 0 for p in proc), proc[0].stderr[-2000:]
+        results.append(losses(tmp_path / name))
+    assert len(results[0]) == 4 and results[0] == results[1]
+    assert list((tmp_path / "cache" / "GPTDataset_indices").glob("*-dp1of2-mbs2.offsets.npy"))
