@@ -22,6 +22,6 @@ setup(
         # Imported only when present and on CUDA; every path has a pure-PyTorch twin.
         "gpu": ["transformer-engine", "grouped_gemm"],
         # The tests also check the writers, the plots and the Hugging Face conversion.
-        "dev": ["pytest", "wandb", "tensorboard", "matplotlib", "transformers"],
+        "dev": ["pytest", "wandb", "tensorboard", "matplotlib", "transformers", "dockerfile"],
     },
 )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: a tiny Mixtral-like model (4 layers, hidden 256, GQA, RoPE, SwiGLU, 8 experts top-2) on real text that
 # every machine has offline (the Python standard library's source), trained on 4 gloo ranks with tensor (2, with
-# sequence parallelism), pipeline (2) and expert (2) parallelism. About 6 minutes on 2 CPU cores.
+# sequence parallelism), pipeline (2) and expert (2) parallelism, then saved (runs/demo/checkpoints) and plotted
+# (runs/demo/plots: loss curves, per-layer expert load). About 6 minutes on 2 CPU cores.
 # Usage: bash examples/mixtral/train_tiny_cpu.sh [more pretrain_gpt.py flags]   (PYTHON selects the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,8 +43,14 @@ MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size 2 --sequence-parallel --pipeline-model-parallel-size 2
     --expert-model-parallel-size 2 --expert-tensor-parallel-size 1 --use-distributed-optimizer
 )
-LOGGING_ARGS=(--log-interval 20 --eval-interval 100 --eval-iters 4 --log-dir "$RUN/logs")
+LOGGING_ARGS=(--log-interval 10 --eval-interval 100 --eval-iters 4 --log-dir "$RUN/logs")
+CHECKPOINT_ARGS=(--save "$RUN/checkpoints" --save-interval 100)
 
 "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" pretrain_gpt.py "${MODEL_ARGS[@]}" "${MOE_ARGS[@]}" \
-    "${DATA_ARGS[@]}" "${TRAINING_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"
-echo "metrics: $RUN/logs/metrics.jsonl"
+    "${DATA_ARGS[@]}" "${TRAINING_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${LOGGING_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "$@"
+echo "metrics: $RUN/logs/metrics.jsonl; checkpoints: $RUN/checkpoints"
+if "$PYTHON" -c "import matplotlib" 2>/dev/null; then
+    "$PYTHON" tools/plot_metrics.py --metrics "$RUN/logs/metrics.jsonl" --output "$RUN/plots"
+else
+    echo "plots skipped: matplotlib is not installed (pip install megamoe[logging])"
+fi

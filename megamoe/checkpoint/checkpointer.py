@@ -61,8 +61,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.save_interval is not None and self.save_interval < 1:
             raise ValueError(f"--save-interval must be >= 1, got {self.save_interval}")
-        if self.save_interval is not None and not self.save:
-            raise ValueError("--save-interval needs --save <directory>")
+        # --save-interval without --save saves nothing, as in Megatron-LM (launch scripts set it unconditionally).
         if self.ckpt_step is not None and not self.load:
             raise ValueError("--ckpt-step needs --load <directory>")
 
@@ -123,7 +122,8 @@ class _SavePlanner(DefaultSavePlanner):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
 
     def lookup_object(self, index):
-        return self.state_dict[index.fqn].__get_tensor_shard__(index)
+        obj = self.state_dict[index.fqn]
+        return obj.__get_tensor_shard__(index) if hasattr(obj, "__get_tensor_shard__") else obj
 
 
 class _LoadPlanner(DefaultLoadPlanner):
@@ -135,7 +135,8 @@ class _LoadPlanner(DefaultLoadPlanner):
         self.metadata, self.is_coordinator = metadata, is_coordinator
 
     def lookup_tensor(self, index):
-        return self.state_dict[index.fqn].__get_tensor_shard__(index)
+        obj = self.state_dict[index.fqn]
+        return obj.__get_tensor_shard__(index) if hasattr(obj, "__get_tensor_shard__") else obj
 
 
 def _no_dist() -> bool:
@@ -178,23 +179,45 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, mesh, common: 
         state.update(optimizer_state(optimizer, optimizer.state_names + (("main",) if with_main else ()), saving=True))
     if save_rng:
         state.update(rng_state(mesh.rank))
+    write_state(state, tmp)
+    if mesh.rank == 0:
+        publish(root, iteration, {"optimizer": optimizer.counters(), "saved_optim": save_optim,
+                                  "saved_main": with_main, "saved_rng": save_rng, **common})
+    comm.barrier(mesh.world)
+    return final
+
+
+def write_state(state: dict, path: str) -> None:
+    """DCP-save a state dict of GlobalShards-like objects into `path` (a collective when torch.distributed is
+    initialized). Pieces are resolved one at a time as they are written."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(state, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True,
+        dcp.save(state, storage_writer=FileSystemWriter(path, single_file_per_rank=True, sync_files=True,
                                                         thread_count=1),
                  planner=_SavePlanner(), no_dist=_no_dist())
-    if mesh.rank == 0:
-        record = {"format": FORMAT, "iteration": iteration, "optimizer": optimizer.counters(),
-                  "saved_optim": save_optim, "saved_main": with_main, "saved_rng": save_rng, **common}
-        _write_atomic(os.path.join(tmp, COMMON), json.dumps(record, indent=1, default=str))
-        _fsync_dir(tmp)
-        if os.path.isdir(final):  # a re-save of the same iteration: keep it whole until the new one is in place
-            os.replace(final, final + ".old")
-        os.replace(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        _write_atomic(os.path.join(root, TRACKER), str(iteration))
-        _fsync_dir(root)
-    comm.barrier(mesh.world)
+
+
+def read_state(state: dict, path: str) -> None:
+    """DCP-load into a state dict of GlobalShards (or plain whole tensors), in place."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=_LoadPlanner(), no_dist=_no_dist())
+
+
+def publish(root: str, iteration: int, record: dict) -> str:
+    """Make <root>/iter_N.tmp (fully written) the checkpoint of iteration N: write its common.json, rename it, then
+    point the tracker at it, each step atomic and fsynced. Returns the checkpoint directory."""
+    final = checkpoint_dir(root, iteration)
+    tmp = final + ".tmp"
+    record = {"format": FORMAT, "iteration": iteration, **record}
+    _write_atomic(os.path.join(tmp, COMMON), json.dumps(record, indent=1, default=str))
+    _fsync_dir(tmp)
+    if os.path.isdir(final):  # a re-save of the same iteration: keep it whole until the new one is in place
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    _write_atomic(os.path.join(root, TRACKER), str(iteration))
+    _fsync_dir(root)
     return final
 
 
@@ -269,18 +292,13 @@ def check_model_shapes(found: CheckpointToLoad, model_config) -> None:
                          f"the saved run's; first differences):\n  - " + "\n  - ".join(problems[:8]))
 
 
-def _load(state: dict, path: str) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=_LoadPlanner(), no_dist=_no_dist())
-
-
 @torch.no_grad()
 def load_checkpoint(found: CheckpointToLoad, chunks, optimizer, mesh, load_optim: bool = True,
                     load_rng: bool = True) -> None:
-    """Load a checked checkpoint into this rank's chunks (and optimizer), whatever layout saved it."""
+    """Load a checked checkpoint into this rank's chunks (and optimizer, unless None), whatever layout saved it.
+    A collective when torch.distributed is initialized."""
     common = found.common
-    load_optim = load_optim and common["saved_optim"]
+    load_optim = optimizer is not None and load_optim and common["saved_optim"]
     state = model_state(chunks, saving=False)
     if load_optim:
         state.update(optimizer_state(optimizer, optimizer.state_names, saving=False))
@@ -288,19 +306,20 @@ def load_checkpoint(found: CheckpointToLoad, chunks, optimizer, mesh, load_optim
     same_layout = common.get("parallel") == dataclasses.asdict(mesh.config)
     if load_rng and common["saved_rng"] and same_layout and key in found.shapes:
         state.update(rng_state(mesh.rank))
-    _load(state, found.path)
+    read_state(state, found.path)
     if key in state:
         torch.set_rng_state(state[key].pieces[(0,)])
     # The fp32 main values: the saved ones where the run kept a separate copy, else the saved model values.
     # Loaded after the model, into the main copy (or, for fp32 models, into the parameters themselves).
     source = "optimizer/main" if common["saved_main"] else "model"
-    if not optimizer.main_is_param:
-        _load(optimizer_state(optimizer, ("main",), saving=False,
-                              key_of=lambda slot, name: f"{source}/{name}"), found.path)
+    if optimizer is not None and not optimizer.main_is_param:
+        read_state(optimizer_state(optimizer, ("main",), saving=False, key_of=lambda slot, name: f"{source}/{name}"),
+                   found.path)
         optimizer.write_main_to_params()
-    elif common["saved_main"]:
+    elif common["saved_main"] and (optimizer is None or optimizer.main_is_param) and all(
+            p.dtype == torch.float32 for c in chunks for p in c.parameters()):
         main = {"optimizer/main/" + key.removeprefix("model/"): shards
                 for key, shards in model_state(chunks, saving=False).items()}
-        _load({key: shards for key, shards in main.items() if key in found.shapes}, found.path)
+        read_state({key: shards for key, shards in main.items() if key in found.shapes}, found.path)
     if load_optim:
         optimizer.load_counters(common["optimizer"])
