@@ -57,6 +57,8 @@ class CheckpointConfig:
     finetune: bool = False
     ckpt_step: int | None = None
     exit_on_missing_checkpoint: bool = False
+    moe_use_upcycling: bool = False
+    moe_upcycling_granularity: int = 1
 
     def __post_init__(self) -> None:
         if self.save_interval is not None and self.save_interval < 1:
@@ -64,6 +66,8 @@ class CheckpointConfig:
         # --save-interval without --save saves nothing, as in Megatron-LM (launch scripts set it unconditionally).
         if self.ckpt_step is not None and not self.load:
             raise ValueError("--ckpt-step needs --load <directory>")
+        if self.moe_use_upcycling and not (self.load and self.save):
+            raise ValueError("--moe-use-upcycling needs --load <dense checkpoint> and --save <where the MoE model goes>")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,13 +82,19 @@ class CheckpointConfig:
         g.add_argument("--finetune", action="store_true", help="load weights only; start at iteration 0")
         g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the tracker's")
         g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+        g.add_argument("--moe-use-upcycling", action="store_true",
+                       help="turn the dense checkpoint of --load into the MoE model of the flags, saved in --save "
+                            "(unless --save already has a checkpoint to resume)")
+        g.add_argument("--moe-upcycling-granularity", type=int, default=1,
+                       help="slices of each dense MLP per expert copy (Megatron's virtual groups)")
         g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist"],
                        help="accepted; megamoe saves torch.distributed.checkpoint")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "CheckpointConfig":
         return cls(args.save, args.load, args.save_interval, args.no_save_optim, args.no_save_rng, args.no_load_optim,
-                   args.no_load_rng, args.finetune, args.ckpt_step, args.exit_on_missing_checkpoint)
+                   args.no_load_rng, args.finetune, args.ckpt_step, args.exit_on_missing_checkpoint,
+                   args.moe_use_upcycling, args.moe_upcycling_granularity)
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -187,21 +197,23 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, mesh, common: 
     return final
 
 
-def write_state(state: dict, path: str) -> None:
-    """DCP-save a state dict of GlobalShards-like objects into `path` (a collective when torch.distributed is
-    initialized). Pieces are resolved one at a time as they are written."""
+def write_state(state: dict, path: str, single_process: bool = False) -> None:
+    """DCP-save a state dict of GlobalShards-like objects into `path`: a collective over the world when
+    torch.distributed is initialized, unless single_process. Pieces are resolved one at a time as written."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, storage_writer=FileSystemWriter(path, single_file_per_rank=True, sync_files=True,
                                                         thread_count=1),
-                 planner=_SavePlanner(), no_dist=_no_dist())
+                 planner=_SavePlanner(), no_dist=single_process or _no_dist())
 
 
-def read_state(state: dict, path: str) -> None:
-    """DCP-load into a state dict of GlobalShards (or plain whole tensors), in place."""
+def read_state(state: dict, path: str, single_process: bool = False) -> None:
+    """DCP-load into a state dict of GlobalShards (or plain whole tensors), in place (a collective like
+    write_state)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=_LoadPlanner(), no_dist=_no_dist())
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=_LoadPlanner(),
+                 no_dist=single_process or _no_dist())
 
 
 def publish(root: str, iteration: int, record: dict) -> str:

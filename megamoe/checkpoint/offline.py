@@ -1,4 +1,5 @@
-"""Whole tensors of a checkpoint in one process, without a model or a process group: what conversion tools use.
+"""Whole tensors of a checkpoint in one process, without a model or a process group: what conversion tools use
+(also from one rank of a running job: nothing here is a collective).
 
 CheckpointReader reads one global tensor at a time (DCP reads only the pieces it needs), and write_checkpoint
 writes tensors that are produced one at a time as DCP writes them (LazyTensor), so a conversion holds at most a
@@ -51,7 +52,7 @@ class CheckpointReader:
         if key not in self._tensors:
             raise KeyError(f"{key} is not in checkpoint {self.path}")
         state = {key: torch.empty(self.shape(key), dtype=self.dtype(key))}
-        read_state(state, self.path)
+        read_state(state, self.path, single_process=True)
         return state[key]
 
 
@@ -79,7 +80,7 @@ def write_checkpoint(root: str, iteration: int, tensors: dict[str, LazyTensor], 
     tmp = checkpoint_dir(root, iteration) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write_state(dict(tensors), tmp)
+    write_state(dict(tensors), tmp, single_process=True)
     record = {"consumed_samples": 0, "parallel": None, "optimizer": {"iteration": 0, "skipped_iterations": 0,
                                                                       "scaler": None},
               "saved_optim": False, "saved_main": False, "saved_rng": False, **common}

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megamoe.checkpoint.checkpointer import (CheckpointConfig, check_model_shapes, find_checkpoint, load_checkpoint,
-                                             save_checkpoint)
+from megamoe.checkpoint.checkpointer import (CheckpointConfig, check_model_shapes, expected_model_shapes,
+                                             find_checkpoint, load_checkpoint, read_tracker, save_checkpoint)
+from megamoe.checkpoint.hf import model_config_from_dict
+from megamoe.checkpoint.upcycle import upcycle, upcycled_model
 from megamoe.data.builder import DataConfig, build_datasets, build_train_loader, build_loader, split_sample_counts
 from megamoe.data.tokenizers import tokenizer_from_args
 from megamoe.distributed.data_parallel import DistributedDataParallel, ddp_config_from_args
@@ -94,9 +96,7 @@ def pretrain(argv: list[str] | None = None) -> int:
     profile = ProfileConfig.from_args(args)
     profile.check(world_size)
     checkpoint = CheckpointConfig.from_args(args)
-    found = find_checkpoint(checkpoint)
-    if found is not None:
-        check_model_shapes(found, model)
+    found, dense = _find_checkpoint(checkpoint, model)
 
     created_world = not dist.is_initialized()
     init_distributed()
@@ -109,6 +109,12 @@ def pretrain(argv: list[str] | None = None) -> int:
     run = Run(args, mesh, model, training, checkpoint, chunks, ddps, optimizer, writer,
               StepProfiler(profile, mesh.rank))
     _report(run)
+    if dense is not None:  # --moe-use-upcycling: rank 0 writes the MoE checkpoint, then everyone loads it
+        if mesh.rank == 0:
+            upcycle(dense.path, checkpoint.save, model.moe, checkpoint.moe_upcycling_granularity, seed=training.seed)
+        comm.barrier(mesh.world)
+        found = find_checkpoint(dataclasses.replace(checkpoint, load=checkpoint.save, ckpt_step=None))
+        run.log(f"upcycled {dense.path} into {found.path}")
     if found is not None:
         for message in found.messages:
             run.log(message)
@@ -146,6 +152,30 @@ def pretrain(argv: list[str] | None = None) -> int:
     if created_world:
         dist.destroy_process_group()
     return 0
+
+
+def _find_checkpoint(checkpoint: CheckpointConfig, model: ModelConfig):
+    """(checkpoint to load, dense checkpoint to upcycle first), checked against the flags' model before any
+    collective. With --moe-use-upcycling a checkpoint already in --save is resumed instead."""
+    if checkpoint.moe_use_upcycling:
+        if read_tracker(checkpoint.save) is not None:
+            resumed = find_checkpoint(dataclasses.replace(checkpoint, load=checkpoint.save, ckpt_step=None))
+            check_model_shapes(resumed, model)
+            return resumed, None
+        dense = find_checkpoint(checkpoint)
+        if dense is None:
+            raise FileNotFoundError(f"--moe-use-upcycling: no dense checkpoint in --load {checkpoint.load}")
+        upcycled = upcycled_model(model_config_from_dict(dense.common["model"]), model.moe,
+                                  checkpoint.moe_upcycling_granularity)
+        if expected_model_shapes(upcycled) != expected_model_shapes(model):
+            raise ValueError(f"--moe-use-upcycling: the dense checkpoint {dense.path} upcycles to a model other than "
+                             f"the flags' (dense flags must equal the dense run's; --moe-ffn-hidden-size = "
+                             f"--ffn-hidden-size / --moe-upcycling-granularity)")
+        return None, dense
+    found = find_checkpoint(checkpoint)
+    if found is not None:
+        check_model_shapes(found, model)
+    return found, None
 
 
 def _report(run: Run) -> None:

@@ -88,3 +88,25 @@ def test_unsupported_models_are_refused(tmp_path):
         hf_to_megamoe(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
     with pytest.raises(FileNotFoundError, match="config.json does not exist"):
         hf_to_megamoe(str(tmp_path / "nothing"), str(tmp_path / "out"), progress=False)
+
+
+def test_convert_tool_round_trip_and_flags(tmp_path):
+    import subprocess
+    import sys
+
+    hf = _hf_model("mixtral")
+    hf.save_pretrained(tmp_path / "hf")
+    tool = ["tools/checkpoint/convert.py", "--no-progress"]
+    out = subprocess.run([sys.executable, *tool, "--loader", "mixtral_hf", "--saver", "mcore", "--load-dir",
+                          str(tmp_path / "hf"), "--save-dir", str(tmp_path / "ckpt"), "--target-expert-parallel-size",
+                          "3"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--num-experts 4" in out.stderr  # 4 experts do not split over ep 3
+    out = subprocess.run([sys.executable, *tool, "--loader", "hf", "--saver", "megamoe", "--load-dir",
+                          str(tmp_path / "hf"), "--save-dir", str(tmp_path / "ckpt"), "--target-expert-parallel-size",
+                          "2", "--target-tensor-parallel-size", "2"], capture_output=True, text=True, check=True)
+    assert "--num-experts 4 --moe-router-topk 2" in out.stdout
+    subprocess.run([sys.executable, *tool, "--loader", "megamoe", "--saver", "hf", "--load-dir", str(tmp_path / "ckpt"),
+                    "--ckpt-step", "0", "--save-dir", str(tmp_path / "back"), "--dtype", "bf16"], check=True,
+                   capture_output=True)
+    original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert all(torch.equal(back[k], t.to(torch.bfloat16)) for k, t in original.items())

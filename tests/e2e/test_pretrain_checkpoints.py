@@ -87,3 +87,28 @@ def test_dist_mmap_trains_on_the_same_samples(tmp_path):
         results.append(losses(tmp_path / name))
     assert len(results[0]) == 4 and results[0] == results[1]
     assert list((tmp_path / "cache" / "GPTDataset_indices").glob("*-dp1of2-mbs2.offsets.npy"))
+
+
+def test_moe_use_upcycling_starts_from_the_dense_model(tmp_path):
+    dense_flags = [a for a in TINY]
+    at = dense_flags.index("--num-experts")
+    del dense_flags[at:at + 6]  # --num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 0.01
+    assert "--moe-router-topk" not in dense_flags
+
+    def pretrain(nproc, extra, log_dir):
+        procs = run_ranks(nproc, [sys.executable, "pretrain_gpt.py", *extra, "--log-dir", str(log_dir)])
+        assert all(p.returncode == 0 for p in procs), procs[-1].stderr[-3000:]
+        return procs[-1].stdout
+
+    pretrain(1, [*dense_flags, "--train-iters", "2", "--save", str(tmp_path / "dense")], tmp_path / "d1")
+    # the dense model's loss on the first batch, after its 2 iterations (--finetune: iteration 0, batch 0)
+    pretrain(1, [*dense_flags, "--train-iters", "1", "--load", str(tmp_path / "dense"), "--finetune"], tmp_path / "d2")
+    out = pretrain(2, [*TINY, "--expert-model-parallel-size", "2", "--train-iters", "1", "--moe-use-upcycling",
+                       "--load", str(tmp_path / "dense"), "--save", str(tmp_path / "moe")], tmp_path / "moe-log")
+    assert f"upcycled {tmp_path / 'dense' / 'iter_0000002'} into {tmp_path / 'moe' / 'iter_0000000'}" in out
+    dense_loss, moe_loss = losses(tmp_path / "d2")[0], losses(tmp_path / "moe-log")[0]
+    assert abs(dense_loss - moe_loss) <= 1e-5 * dense_loss
+    # a second start resumes the MoE checkpoint instead of upcycling again
+    out = pretrain(2, [*TINY, "--expert-model-parallel-size", "2", "--train-iters", "2", "--moe-use-upcycling",
+                       "--load", str(tmp_path / "dense"), "--save", str(tmp_path / "moe")], tmp_path / "moe-log2")
+    assert "upcycled" not in out and f"loaded checkpoint {tmp_path / 'moe' / 'iter_0000001'}" in out
