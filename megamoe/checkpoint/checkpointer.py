@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import shutil
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ class CheckpointConfig:
     finetune: bool = False
     ckpt_step: int | None = None
     exit_on_missing_checkpoint: bool = False
+    async_save: bool = False
     moe_use_upcycling: bool = False
     moe_upcycling_granularity: int = 1
 
@@ -82,6 +84,8 @@ class CheckpointConfig:
         g.add_argument("--finetune", action="store_true", help="load weights only; start at iteration 0")
         g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the tracker's")
         g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+        g.add_argument("--async-save", action="store_true",
+                       help="write checkpoints in the background while training goes on")
         g.add_argument("--moe-use-upcycling", action="store_true",
                        help="turn the dense checkpoint of --load into the MoE model of the flags, saved in --save "
                             "(unless --save already has a checkpoint to resume)")
@@ -94,7 +98,7 @@ class CheckpointConfig:
     def from_args(cls, args: argparse.Namespace) -> "CheckpointConfig":
         return cls(args.save, args.load, args.save_interval, args.no_save_optim, args.no_save_rng, args.no_load_optim,
                    args.no_load_rng, args.finetune, args.ckpt_step, args.exit_on_missing_checkpoint,
-                   args.moe_use_upcycling, args.moe_upcycling_granularity)
+                   args.async_save, args.moe_use_upcycling, args.moe_upcycling_granularity)
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -176,8 +180,17 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, mesh, common: 
 
     common: JSON-serializable run state (consumed samples, configs, flags) stored in common.json.
     Returns the checkpoint directory."""
-    final = checkpoint_dir(root, iteration)
-    tmp = final + ".tmp"
+    tmp, state, record = _prepare_save(root, iteration, chunks, optimizer, mesh, common, save_optim, save_rng)
+    write_state(state, tmp)
+    if mesh.rank == 0:
+        publish(root, iteration, record)
+    comm.barrier(mesh.world)
+    return checkpoint_dir(root, iteration)
+
+
+def _prepare_save(root, iteration, chunks, optimizer, mesh, common, save_optim, save_rng):
+    """Make the (empty) iter_N.tmp directory and this rank's state dict; (tmp, state, common.json record)."""
+    tmp = checkpoint_dir(root, iteration) + ".tmp"
     if mesh.rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this iteration that did not finish
@@ -189,22 +202,77 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, mesh, common: 
         state.update(optimizer_state(optimizer, optimizer.state_names + (("main",) if with_main else ()), saving=True))
     if save_rng:
         state.update(rng_state(mesh.rank))
-    write_state(state, tmp)
-    if mesh.rank == 0:
-        publish(root, iteration, {"optimizer": optimizer.counters(), "saved_optim": save_optim,
-                                  "saved_main": with_main, "saved_rng": save_rng, **common})
-    comm.barrier(mesh.world)
-    return final
+    record = {"optimizer": optimizer.counters(), "saved_optim": save_optim, "saved_main": with_main,
+              "saved_rng": save_rng, **common}
+    return tmp, state, record
 
 
-def write_state(state: dict, path: str, single_process: bool = False) -> None:
-    """DCP-save a state dict of GlobalShards-like objects into `path`: a collective over the world when
-    torch.distributed is initialized, unless single_process. Pieces are resolved one at a time as written."""
+class AsyncSaver:
+    """--async-save: the state is copied (a snapshot of this iteration) and written by a background thread over
+    a process group of its own, while training goes on. poll() after each iteration publishes the checkpoint once
+    every rank's write has finished (one small all-reduce while a save is in flight); finish() waits for it."""
+
+    def __init__(self, mesh) -> None:
+        self.mesh = mesh
+        self.group = dist.new_group(list(range(mesh.config.world_size)), backend="gloo") \
+            if mesh.config.world_size > 1 else None
+        self.thread = None
+        self.error: BaseException | None = None
+
+    def save(self, root, iteration, chunks, optimizer, common, save_optim=True, save_rng=True) -> None:
+        self.finish()
+        tmp, state, record = _prepare_save(root, iteration, chunks, optimizer, self.mesh, common, save_optim, save_rng)
+        snapshot = {key: shards.snapshot() for key, shards in state.items()}
+
+        def write():
+            try:
+                write_state(snapshot, tmp, process_group=self.group)
+            except BaseException as err:  # raised in the training thread by poll()/finish()
+                self.error = err
+
+        self.pending = (root, iteration, record)
+        self.thread = threading.Thread(target=write, name=f"async-save-{iteration}", daemon=True)
+        self.thread.start()
+
+    def poll(self) -> str | None:
+        """Publish the checkpoint in flight if every rank finished writing it; returns its directory then."""
+        if self.thread is None:
+            return None
+        done = torch.tensor([0.0 if self.thread.is_alive() else 1.0])
+        comm.all_reduce(done, self.mesh.world, op=comm.ReduceOp.MIN)
+        return self._publish() if done.item() == 1.0 else None
+
+    def finish(self) -> str | None:
+        """Wait for the checkpoint in flight, if any, and publish it."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        return self._publish()
+
+    def _publish(self) -> str:
+        self.thread.join()
+        failed = torch.tensor([1.0 if self.error is not None else 0.0])
+        comm.all_reduce(failed, self.mesh.world, op=comm.ReduceOp.MAX)
+        root, iteration, record = self.pending
+        self.thread = None
+        if failed.item():
+            raise RuntimeError(f"the asynchronous save of iteration {iteration} failed on some rank; the previous "
+                               f"checkpoint in {root} is intact") from self.error
+        if self.mesh.rank == 0:
+            publish(root, iteration, record)
+        comm.barrier(self.mesh.world)
+        return checkpoint_dir(root, iteration)
+
+
+def write_state(state: dict, path: str, single_process: bool = False, process_group=None) -> None:
+    """DCP-save a state dict of GlobalShards-like objects into `path`: a collective over the world (or
+    process_group) when torch.distributed is initialized, unless single_process. Pieces are resolved one at a
+    time as they are written."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, storage_writer=FileSystemWriter(path, single_file_per_rank=True, sync_files=True,
                                                         thread_count=1),
-                 planner=_SavePlanner(), no_dist=single_process or _no_dist())
+                 planner=_SavePlanner(), no_dist=single_process or _no_dist(), process_group=process_group)
 
 
 def read_state(state: dict, path: str, single_process: bool = False) -> None:

@@ -128,6 +128,12 @@ class GlobalShards:
                 view = view.narrow(d, lo - base, size)
             self.add(part.offsets, view)
 
+    def snapshot(self) -> "GlobalShards":
+        """A copy whose pieces no longer change with the tensors they were views of."""
+        copy = GlobalShards(tuple(self.global_shape), self.dtype)
+        copy.pieces = {offsets: t.detach().clone() for offsets, t in self.pieces.items()}
+        return copy
+
     # DCP's _Checkpointable protocol -------------------------------------------------------------------------------
     def __create_write_items__(self, fqn: str, obj: object) -> list[WriteItem]:
         properties = TensorProperties(dtype=self.dtype)

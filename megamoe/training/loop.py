@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megamoe.checkpoint.checkpointer import (CheckpointConfig, check_model_shapes, expected_model_shapes,
+from megamoe.checkpoint.checkpointer import (AsyncSaver, CheckpointConfig, check_model_shapes, expected_model_shapes,
                                              find_checkpoint, load_checkpoint, read_tracker, save_checkpoint)
 from megamoe.checkpoint.hf import model_config_from_dict
 from megamoe.checkpoint.upcycle import upcycle, upcycled_model
@@ -61,6 +61,7 @@ class Run:
     optimizer: MegatronOptimizer
     writer: MetricsWriter
     profiler: StepProfiler
+    saver: AsyncSaver | None = None
     iteration: int = 0
     consumed_samples: int = 0
 
@@ -107,7 +108,7 @@ def pretrain(argv: list[str] | None = None) -> int:
     optimizer = MegatronOptimizer(ddps, mesh, optimizer_config, schedule)
     writer = MetricsWriter(logging_config, vars(args), active=mesh.rank == world_size - 1)
     run = Run(args, mesh, model, training, checkpoint, chunks, ddps, optimizer, writer,
-              StepProfiler(profile, mesh.rank))
+              StepProfiler(profile, mesh.rank), AsyncSaver(mesh) if checkpoint.async_save and checkpoint.save else None)
     _report(run)
     if dense is not None:  # --moe-use-upcycling: rank 0 writes the MoE checkpoint, then everyone loads it
         if mesh.rank == 0:
@@ -142,6 +143,8 @@ def pretrain(argv: list[str] | None = None) -> int:
                   for ds, skip in zip(datasets[1:], (evaluated, 0))]
     try:
         _train(run, iter(train), evaluation[0])
+        if run.saver is not None and (path := run.saver.finish()):
+            run.log(f"saved checkpoint {path} (asynchronously)")
         if evaluation[0] is not None:
             _evaluate(run, evaluation[0], "validation")
         if evaluation[1] is not None:
@@ -236,6 +239,8 @@ def _train(run: Run, train_iter, valid_iter) -> None:
         if valid_iter is not None and iteration % training.eval_interval == 0:
             _evaluate(run, valid_iter, "validation")
         checkpoint = run.checkpoint
+        if run.saver is not None and (path := run.saver.poll()):
+            run.log(f"saved checkpoint {path} (asynchronously)")
         if checkpoint.save and checkpoint.save_interval and iteration % checkpoint.save_interval == 0:
             saved_at = _save(run)
         if _should_exit(run, start, stop):
@@ -253,6 +258,11 @@ def _save(run: Run) -> int:
     common = {"consumed_samples": run.consumed_samples, "parallel": dataclasses.asdict(run.mesh.config),
               "model": dataclasses.asdict(run.model), "training": dataclasses.asdict(run.training),
               "args": vars(run.args)}
+    if run.saver is not None:
+        run.saver.save(c.save, run.iteration, run.chunks, run.optimizer, common, save_optim=not c.no_save_optim,
+                       save_rng=not c.no_save_rng)
+        run.log(f"started saving iteration {run.iteration} in the background ({time.time() - tick:.2f} s blocked)")
+        return run.iteration
     path = save_checkpoint(c.save, run.iteration, run.chunks, run.optimizer, run.mesh, common,
                            save_optim=not c.no_save_optim, save_rng=not c.no_save_rng)
     run.log(f"saved checkpoint {path} at iteration {run.iteration} in {time.time() - tick:.2f} s")

@@ -60,3 +60,15 @@ def test_other_layouts_resume_the_same_run(dist_run, unbroken, tmp_path, layout)
     assert sorted(resumed) == [6, 7, 8, 9, 10]
     for i in resumed:
         assert abs(resumed[i] - expected[i]) <= 1e-6 * abs(expected[i]), (i, resumed[i], expected[i])
+
+
+def test_async_save_snapshots_the_iteration_while_training_goes_on(dist_run, unbroken, tmp_path):
+    dist_run(8, _pretrain, TINY + SAVED_UNDER + ["--save", str(tmp_path / "ckpt"), "--save-interval", "5",
+                                                  "--async-save", "--log-dir", str(tmp_path / "async")], timeout=300)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["iter_0000005", "iter_0000010", "latest_checkpointed_iteration.txt"]
+    dist_run(1, _pretrain, TINY + ["--load", str(tmp_path / "ckpt"), "--ckpt-step", "5", "--log-dir",
+                                   str(tmp_path / "resumed")], timeout=300)
+    expected, resumed = _losses(unbroken), _losses(tmp_path / "resumed")
+    assert _losses(tmp_path / "async") == expected  # saving in the background changes nothing
+    for i in resumed:
+        assert abs(resumed[i] - expected[i]) <= 1e-6 * abs(expected[i]), (i, resumed[i], expected[i])
