@@ -190,6 +190,10 @@ def _report(run: Run) -> None:
         print(f"parameters: total {counts.total:,}, expert {counts.expert:,}, non-expert {counts.non_expert:,}, "
               f"active per token {counts.active_per_token:,}, on rank 0 {local:,}; training FLOPs per sample "
               f"{training_flops_per_sample(model, tp=mesh.config.tp):.4e}", flush=True)
+        backends = sorted({layer.experts.backend for c in run.chunks for layer in moe_layers(c)})
+        if model.moe is not None and model.moe.grouped_gemm and backends and backends != ["grouped_gemm"]:
+            print(f"--moe-grouped-gemm: the grouped_gemm package needs CUDA; experts use {', '.join(backends)} "
+                  f"(torch = torch._grouped_mm)", flush=True)
 
 
 def _batches(iterator, num_mb: int, consumed: int, micro_batch_size: int, dp_rank: int, dp: int) -> list[dict]:
@@ -219,13 +223,9 @@ def _train(run: Run, train_iter, valid_iter) -> None:
         num_mb = batch_size // (training.micro_batch_size * mesh.config.dp)
         batches = _batches(train_iter, num_mb, run.consumed_samples, training.micro_batch_size,
                            mesh.coordinates["dp"], mesh.config.dp)
-        out = forward_backward(run.chunks, batches, mesh, per_token_loss=training.calculate_per_token_loss,
-                               grad_scale=optimizer.loss_scale, ddps=run.ddps)
-        finalize_grads(run.chunks, mesh, out.num_tokens() if training.calculate_per_token_loss else None,
-                       ddps=run.ddps)
-        applied, grad_norm = optimizer.step()
+        out, applied, grad_norm = train_step(run.chunks, run.ddps, optimizer, mesh, batches,
+                                             training.calculate_per_token_loss)
         lr_used = learning_rate(optimizer.schedule, optimizer.iteration - 1 if applied else optimizer.iteration)
-        optimizer.zero_grad(run.ddps)
         run.consumed_samples += batch_size
         loss = _replica_mean_loss(mesh, out)
         if mesh.is_last_stage and not math.isfinite(loss):
@@ -250,6 +250,17 @@ def _train(run: Run, train_iter, valid_iter) -> None:
             return
     if run.checkpoint.save and saved_at != run.iteration:
         _save(run)
+
+
+def train_step(chunks, ddps, optimizer, mesh, batches: list[dict], per_token_loss: bool = False):
+    """One training iteration: the pipeline schedule over the step's micro-batches, gradient finalization, the
+    optimizer step. Returns (schedule output, whether the update was applied, grad norm)."""
+    out = forward_backward(chunks, batches, mesh, per_token_loss=per_token_loss, grad_scale=optimizer.loss_scale,
+                           ddps=ddps)
+    finalize_grads(chunks, mesh, out.num_tokens() if per_token_loss else None, ddps=ddps)
+    applied, grad_norm = optimizer.step()
+    optimizer.zero_grad(ddps)
+    return out, applied, grad_norm
 
 
 def _save(run: Run) -> int:

@@ -73,6 +73,7 @@ def test_megatron_mixtral_script_runs_tiny_with_mock_data(tmp_path):
                           capture_output=True, text=True, timeout=600, env={**ENV, **sizes})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(losses(tmp_path)) == 2 and "iteration        2/       2" in proc.stdout
+    assert proc.stdout.count("--moe-grouped-gemm: the grouped_gemm package needs CUDA; experts use torch") == 1
 
 
 def test_sigterm_with_the_handler_saves_and_exits_cleanly(tmp_path):

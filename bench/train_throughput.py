@@ -1,0 +1,167 @@
+"""Training throughput of one process: megamoe's real training step (the pipeline schedule, finalize_grads and the
+optimizer of pretrain_gpt.py, with its mixed precision) against Hugging Face transformers' MixtralForCausalLM on
+the same model, batch and CPU threads.
+
+    python bench/train_throughput.py --preset small [--fp32] [--compare-hf] [--steps 5] [--warmup 2]
+
+Prints tokens/s, model GFLOP/s (Megatron's FLOPs formula), the fraction of the bf16 (or fp32) matmul peak
+measured in the same run, and the peak RSS; with --compare-hf, transformers' figures for the same configuration
+timed alternately with megamoe's in this process, and the ratio. Figures are medians over the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.matmul_peak import measure_peak  # noqa: E402
+from megamoe.distributed.data_parallel import DDPConfig, DistributedDataParallel  # noqa: E402
+from megamoe.model.accounting import training_flops_per_sample  # noqa: E402
+from megamoe.model.config import ModelConfig  # noqa: E402
+from megamoe.moe.config import MoEConfig  # noqa: E402
+from megamoe.optim.lr_scheduler import ScheduleConfig  # noqa: E402
+from megamoe.optim.optimizer import MegatronOptimizer, OptimizerConfig  # noqa: E402
+from megamoe.parallel.config import ParallelConfig  # noqa: E402
+from megamoe.parallel.mesh import ParallelMesh  # noqa: E402
+from megamoe.pipeline.stages import PipelineSplit, build_model_chunks  # noqa: E402
+from megamoe.training.loop import train_step  # noqa: E402
+
+PRESETS = {
+    "tiny": dict(hidden_size=256, ffn_hidden_size=512, num_layers=4, num_attention_heads=8, num_query_groups=4),
+    "small": dict(hidden_size=512, ffn_hidden_size=1024, num_layers=8, num_attention_heads=8, num_query_groups=4),
+}
+
+
+def model_config(preset: str, seq: int, vocab: int, experts: int, topk: int, **overrides) -> ModelConfig:
+    return ModelConfig(**PRESETS[preset], vocab_size=vocab, seq_length=seq, normalization="RMSNorm",
+                       position_embedding_type="rope", swiglu=True, add_bias_linear=False,
+                       untie_embeddings_and_output_weights=True, hidden_dropout=0.0, attention_dropout=0.0,
+                       make_vocab_size_divisible_by=128,
+                       moe=MoEConfig(num_experts=experts, router_topk=topk, aux_loss_coeff=0.01, grouped_gemm=True),
+                       **overrides)
+
+
+def batches(config: ModelConfig, micro_batch: int, count: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for m in range(count):
+        tokens = torch.randint(0, config.vocab_size, (micro_batch, config.seq_length + 1), generator=g)
+        out.append(dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(micro_batch, config.seq_length),
+                        sample_ids=torch.arange(m * micro_batch, (m + 1) * micro_batch)))
+    return out
+
+
+class MegamoeStep:
+    """megamoe's training step on one process: AdamW, fp32 main parameters and gradients, bf16 compute."""
+
+    def __init__(self, config: ModelConfig, bf16: bool, micro_batch: int) -> None:
+        mesh = ParallelMesh(ParallelConfig(world_size=1))
+        self.mesh = mesh
+        self.chunks = build_model_chunks(config, mesh, PipelineSplit(config.num_layers, 1, None), seed=1,
+                                         dtype=torch.bfloat16 if bf16 else torch.float32)
+        self.ddps = [DistributedDataParallel(c, mesh, DDPConfig()) for c in self.chunks]
+        self.optimizer = MegatronOptimizer(self.ddps, mesh, OptimizerConfig(bf16=bf16, clip_grad=1.0),
+                                           ScheduleConfig(lr=1e-4, decay_iters=1000))
+        self.batch = batches(config, micro_batch, 1)
+
+    def __call__(self) -> float:
+        out, _, _ = train_step(self.chunks, self.ddps, self.optimizer, self.mesh, self.batch)
+        return out.mean_loss()
+
+
+class HFStep:
+    """transformers' MixtralForCausalLM with torch.optim.AdamW (fused where available), clipping as megamoe."""
+
+    def __init__(self, config: ModelConfig, bf16: bool, micro_batch: int) -> None:
+        import transformers
+
+        hf = transformers.MixtralConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+            num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_query_groups, num_local_experts=config.moe.num_experts,
+            num_experts_per_tok=config.moe.router_topk, max_position_embeddings=config.seq_length,
+            tie_word_embeddings=False, router_aux_loss_coef=0.01, output_router_logits=True, use_cache=False)
+        torch.manual_seed(0)
+        self.model = transformers.MixtralForCausalLM(hf).to(torch.bfloat16 if bf16 else torch.float32).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        b = batches(config, micro_batch, 1)[0]
+        self.ids = b["tokens"]
+        self.labels = b["labels"]
+
+    def __call__(self) -> float:
+        logits = self.model(input_ids=self.ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def time_steps(steps: dict, warmup: int, timed: int) -> dict[str, list[float]]:
+    """Run each step function `warmup` times, then `timed` rounds alternating between them."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(timed):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--fp32", action="store_true", help="fp32 compute instead of bf16")
+    parser.add_argument("--seq-length", type=int, default=512)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--num-experts", type=int, default=8)
+    parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compare-hf", action="store_true")
+    parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    args = parser.parse_args()
+    bf16 = not args.fp32
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    recompute = {} if args.recompute == "none" else (
+        dict(recompute_granularity="selective") if args.recompute == "selective" else
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1))
+    config = model_config(args.preset, args.seq_length, args.vocab_size, args.num_experts, args.topk, **recompute)
+    peak = measure_peak(dtype)
+    print(f"preset {args.preset}, {'bf16' if bf16 else 'fp32'}, seq {args.seq_length}, micro batch "
+          f"{args.micro_batch_size}, threads {torch.get_num_threads()}, measured {dtype} matmul peak "
+          f"{peak:.1f} GFLOP/s")
+    steps = {"megamoe": MegamoeStep(config, bf16, args.micro_batch_size)}
+    if args.compare_hf:
+        steps["hf"] = HFStep(config, bf16, args.micro_batch_size)
+    times = time_steps(steps, args.warmup, args.steps)
+    tokens = args.micro_batch_size * args.seq_length
+    flops = training_flops_per_sample(config) * args.micro_batch_size
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+    rates = {}
+    for name, values in times.items():
+        median = statistics.median(values)
+        rates[name] = tokens / median
+        print(f"{name:>8}: {tokens / median:8.1f} tokens/s (min {tokens / max(values):.1f}, max "
+              f"{tokens / min(values):.1f}), {flops / median / 1e9:6.1f} model GFLOP/s = "
+              f"{flops / median / 1e9 / peak:.1%} of peak, step {median * 1000:.0f} ms")
+    print(f"peak RSS of this process: {rss:.0f} MiB")
+    if "hf" in rates:
+        print(f"megamoe / transformers: {rates['megamoe'] / rates['hf']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
