@@ -184,11 +184,14 @@ def _find_checkpoint(checkpoint: CheckpointConfig, model: ModelConfig):
 def _report(run: Run) -> None:
     mesh, model = run.mesh, run.model
     counts = parameter_counts(model, mesh.config.tp)
-    local = sum(local_parameter_count(c) for c in run.chunks)
+    local = torch.tensor([sum(local_parameter_count(c) for c in run.chunks)], dtype=torch.float64)
+    per_rank = torch.zeros(mesh.config.world_size, dtype=torch.float64)
+    comm.all_gather_into_tensor(per_rank, local, mesh.world)
     if mesh.rank == 0:
         print(mesh.layout.format_table(), flush=True)
         print(f"parameters: total {counts.total:,}, expert {counts.expert:,}, non-expert {counts.non_expert:,}, "
-              f"active per token {counts.active_per_token:,}, on rank 0 {local:,}; training FLOPs per sample "
+              f"active per token {counts.active_per_token:,}; per rank "
+              f"{', '.join(f'{int(n):,}' for n in per_rank.tolist())}; training FLOPs per sample "
               f"{training_flops_per_sample(model, tp=mesh.config.tp):.4e}", flush=True)
         backends = sorted({layer.experts.backend for c in run.chunks for layer in moe_layers(c)})
         if model.moe is not None and model.moe.grouped_gemm and backends and backends != ["grouped_gemm"]:
@@ -321,7 +324,7 @@ def _log_iteration(run: Run, window, lr, grad_norm, flops_per_sample) -> None:
 def _evaluate(run: Run, iterator, split: str) -> None:
     """--eval-iters forward-only steps on a split (continuing its iterator); logs loss and perplexity."""
     mesh, training = run.mesh, run.training
-    num_mb = training.num_microbatches(mesh.config.dp, run.consumed_samples)
+    num_mb = training.num_microbatches(mesh.config.dp)  # the full global batch, also while ramping up
     for chunk in run.chunks:
         chunk.eval()
     total = 0.0
