@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compare-hf", action="store_true")
     parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, print megamoe's N most expensive ops over one profiled step")
     args = parser.parse_args()
     bf16 = not args.fp32
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -161,6 +163,10 @@ def main() -> None:
     print(f"peak RSS of this process: {rss:.0f} MiB")
     if "hf" in rates:
         print(f"megamoe / transformers: {rates['megamoe'] / rates['hf']:.2f}x")
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            steps["megamoe"]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ class MoELayer(nn.Module):
         self.metrics = routing_metrics(routing.stats["scores"], routing.stats["routed"], routing.stats["kept"])
         if "expert_bias" in routing.stats:
             self.metrics["expert_bias"] = routing.stats["expert_bias"]
-        if routing.aux_loss is not None:
-            self.metrics["aux_loss"] = routing.aux_loss.detach()
+        for loss in ("load_balancing_loss", "z_loss"):  # each already times its coefficient
+            if loss in routing.stats:
+                self.metrics[loss] = routing.stats[loss]
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

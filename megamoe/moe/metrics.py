@@ -6,6 +6,7 @@ All values are detached tensors (no host sync in the step); the logger reduces a
     entropy             mean over tokens of the routing distribution's entropy (nats)
     balance_top/bottom  share of assignments of the most / least loaded expert (1/E when balanced)
     unused_experts      experts that got no token
+    load_balancing_loss, z_loss   the router losses times their coefficients (when configured; set by MoELayer)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def routing_metrics(scores: torch.Tensor, routed: torch.Tensor, kept: torch.Tens
     }
 
 
-AVERAGED = ("dropped_fraction", "entropy", "balance_top", "balance_bottom", "aux_loss")
+AVERAGED = ("dropped_fraction", "entropy", "balance_top", "balance_bottom", "load_balancing_loss", "z_loss")
 
 
 def reduce_metrics(per_layer: dict[int, dict[str, torch.Tensor]], dp_group, pp_group=None, num_layers: int = 0,

@@ -258,8 +258,10 @@ class TopKRouter(nn.Module):
             else:
                 loss = self._global_aux_loss(aux_scores, routing_map)
             aux_loss = coeff * loss if aux_loss is None else aux_loss + coeff * loss
+        losses = {} if aux_loss is None else {"load_balancing_loss": aux_loss.detach()}
         if m.z_loss_coeff:
             loss = m.z_loss_coeff * z_loss(logits)
+            losses["z_loss"] = loss.detach()
             aux_loss = loss if aux_loss is None else aux_loss + loss
 
         routed = routing_map
@@ -270,7 +272,7 @@ class TopKRouter(nn.Module):
         if m.router_enable_expert_bias and self.training and torch._C._current_graph_task_id() == -1:
             # Counted in the forward pass only, not again when backward recomputes activations.
             self.routed_counts += routed.sum(0).to(self.routed_counts.dtype)
-        stats = {"scores": aux_scores.detach(), "routed": routed, "kept": routing_map & routed}
+        stats = {"scores": aux_scores.detach(), "routed": routed, "kept": routing_map & routed, **losses}
         if m.router_enable_expert_bias:
             stats["expert_bias"] = self.expert_bias.detach().clone()
         mine = slice(group.index * (n // group.size), (group.index + 1) * (n // group.size))

@@ -301,7 +301,9 @@ def _log_iteration(run: Run, window, lr, grad_norm, flops_per_sample) -> None:
     moe = reduce_metrics({layer.layer_number: layer.metrics for c in run.chunks for layer in moe_layers(c)
                           if layer.metrics}, mesh["dp_cp"], mesh["pp"], run.model.num_layers,
                          moe_config.num_experts if moe_config else 0)
-    aux = sum(m.get("aux_loss", 0.0) for m in moe.values())
+    # Megatron's MoE loss fields: each loss (times its coefficient) averaged over the MoE layers.
+    moe_losses = {name: sum(m.get(name, 0.0) for m in moe.values()) / len(moe) for name in ("load_balancing_loss", "z_loss")
+                  if any(name in m for m in moe.values())}
     tokens = batch_size * run.model.seq_length
     flops = flops_per_sample * batch_size
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -310,15 +312,14 @@ def _log_iteration(run: Run, window, lr, grad_norm, flops_per_sample) -> None:
             f"GPU (TFLOP/s/GPU): {flops / elapsed / 1e12 / mesh.config.world_size:.3f} | tokens per second: "
             f"{tokens / elapsed:.1f} | learning rate: {lr:.6E} | global batch size: {batch_size:5d} | "
             f"lm loss: {loss:.6E} | ")
-    if moe:
-        line += f"load_balancing_loss: {aux:.6E} | "
+    line += "".join(f"{name}: {value:.6E} | " for name, value in moe_losses.items())
     line += (f"loss scale: {optimizer.loss_scale:.1f} | grad norm: {grad_norm or 0.0:.3f} | "
              f"number of skipped iterations: {optimizer.skipped_iterations:3d} | number of nan iterations: {0:3d} |")
     run.log(line)
     run.writer.log("train", run.iteration, {
         "lm loss": loss, "learning rate": lr, "grad norm": grad_norm, "loss scale": optimizer.loss_scale,
         "global batch size": batch_size, "consumed samples": run.consumed_samples, "elapsed ms": elapsed * 1000,
-        "tokens per second": tokens / elapsed, **({"load_balancing_loss": aux} if moe else {})}, moe)
+        "tokens per second": tokens / elapsed, **moe_losses}, moe)
 
 
 def _evaluate(run: Run, iterator, split: str) -> None:

@@ -17,7 +17,7 @@ def logged_run(tmp_path_factory):
     pytest.importorskip("wandb")
     root = tmp_path_factory.mktemp("logging")
     env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}
-    proc = run(4, [*FOUR_RANKS, "--train-iters", "6", "--global-batch-size", "8", "--rampup-batch-size", "4", "4",
+    proc = run(4, [*FOUR_RANKS, "--moe-z-loss-coeff", "1e-3", "--train-iters", "6", "--global-batch-size", "8", "--rampup-batch-size", "4", "4",
                    "16", "--eval-interval", "3", "--eval-iters", "1", "--tensorboard-dir", str(root / "tb"),
                    "--wandb-project", "megamoe-test", "--wandb-exp-name", "tiny", "--profile",
                    "--profile-step-start", "2", "--profile-step-end", "3", "--profile-ranks", "0", "3"],
@@ -28,6 +28,7 @@ def logged_run(tmp_path_factory):
 
 def test_metrics_jsonl_has_every_stage_moe_layers_and_the_rampup(logged_run):
     root, proc = logged_run
+    assert "| load_balancing_loss: " in proc.stdout and "| z_loss: " in proc.stdout  # Megatron's MoE loss fields
     train = records(root)
     assert [r["global batch size"] for r in train] == [4, 4, 4, 4, 8, 8]  # 4 until more than 16 samples are consumed
     assert [r["consumed samples"] for r in train] == [4, 8, 12, 16, 24, 32]
@@ -47,6 +48,7 @@ def test_tensorboard_has_the_scalars(logged_run):
     events = EventAccumulator(str(root / "tb")).Reload()
     tags = events.Tags()["scalars"]
     for tag in ("lm loss", "learning rate", "grad norm", "global batch size", "lm loss valid", "moe/layer3/entropy",
+                "load_balancing_loss", "z_loss", "moe/layer1/z_loss",
                 "moe/layer0/tokens_per_expert/expert3"):
         assert tag in tags, tag
     assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3, 4, 5, 6]
