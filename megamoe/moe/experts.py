@@ -47,15 +47,23 @@ def choose_backend(grouped_gemm: bool, device: torch.device, shapes: tuple[int, 
     return "loop"
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    # torch._grouped_mm's backward rejects gradients with zero strides (an expanded ones from .sum()).
+class _GroupedLinear(torch.autograd.Function):
+    """torch._grouped_mm with a backward that yields the weight gradient as [E, out, in], contiguous like the
+    weight, so autograd stores it without a copy; the input gradient is one grouped GEMM, the weight gradient a
+    2-D x 2-D grouped GEMM over each expert's rows."""
+
     @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
+    def forward(ctx, x, weight, offsets):
+        ctx.save_for_backward(x, weight, offsets)
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)   # [M, out]
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        x, weight, offsets = ctx.saved_tensors
+        grad = grad.contiguous()  # e.g. an expanded gradient of .sum() has zero strides
+        grad_x = torch._grouped_mm(grad, weight, offs=offsets) if ctx.needs_input_grad[0] else None
+        grad_w = torch._grouped_mm(grad.t(), x, offs=offsets) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor,
@@ -65,7 +73,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], off
         blocks = x.split(counts)
         return torch.cat([F.linear(block, weight[e]) for e, block in enumerate(blocks)])
     if backend == "torch":
-        return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets))
+        return _GroupedLinear.apply(x, weight, offsets)
     if backend == "grouped_gemm":
         from grouped_gemm import ops  # CUDA only; checked by available_backends
 
