@@ -32,6 +32,7 @@ from megamoe.optim.optimizer import MegatronOptimizer, OptimizerConfig  # noqa: 
 from megamoe.parallel.config import ParallelConfig  # noqa: E402
 from megamoe.parallel.mesh import ParallelMesh  # noqa: E402
 from megamoe.pipeline.stages import PipelineSplit, build_model_chunks  # noqa: E402
+from megamoe.training.allocator import keep_freed_memory  # noqa: E402
 from megamoe.training.loop import train_step  # noqa: E402
 
 PRESETS = {
@@ -133,10 +134,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compare-hf", action="store_true")
     parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (by default both frameworks run with "
+                             "megamoe.training.allocator.keep_freed_memory(), as pretrain_gpt.py does on CPU)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, print megamoe's N most expensive ops over one profiled step")
     args = parser.parse_args()
     bf16 = not args.fp32
+    tuned = False if args.default_malloc else keep_freed_memory()
     dtype = torch.bfloat16 if bf16 else torch.float32
     recompute = {} if args.recompute == "none" else (
         dict(recompute_granularity="selective") if args.recompute == "selective" else
@@ -145,7 +150,7 @@ def main() -> None:
     peak = measure_peak(dtype)
     print(f"preset {args.preset}, {'bf16' if bf16 else 'fp32'}, seq {args.seq_length}, micro batch "
           f"{args.micro_batch_size}, threads {torch.get_num_threads()}, measured {dtype} matmul peak "
-          f"{peak:.1f} GFLOP/s")
+          f"{peak:.1f} GFLOP/s, malloc keeps freed memory: {tuned}")
     steps = {"megamoe": MegamoeStep(config, bf16, args.micro_batch_size)}
     if args.compare_hf:
         steps["hf"] = HFStep(config, bf16, args.micro_batch_size)

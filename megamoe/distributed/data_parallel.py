@@ -145,6 +145,7 @@ class DistributedDataParallel:
             if members:
                 self.buffers.append(_pack(members, group, bucket_size, mesh.device))
         self._bucket_of = {p: (buf, b) for buf in self.buffers for b in buf.buckets for p in b.params}
+        self._written: set[nn.Parameter] = set()  # parameters whose main_grad holds a gradient of this step
         for _, p in named:
             p.register_post_accumulate_grad_hook(self._hook)
         if config.overlap_param_gather:
@@ -177,7 +178,11 @@ class DistributedDataParallel:
         self._wait([b for buffer in self.buffers for b in buffer.buckets])
 
     def _hook(self, param: nn.Parameter) -> None:
-        param.main_grad.add_(param.grad)
+        if param in self._written:
+            param.main_grad.add_(param.grad)
+        else:  # the first gradient of the step: a cast copy, cheaper than a mixed-dtype add into zeros
+            param.main_grad.copy_(param.grad)
+            self._written.add(param)
         param.grad = None
         if self.config.overlap_grad_reduce and self.grad_sync_enabled:
             buffer, bucket = self._bucket_of[param]
@@ -209,6 +214,7 @@ class DistributedDataParallel:
     def zero_grad(self) -> None:
         for buffer in self.buffers:
             buffer.grad.zero_()
+        self._written.clear()
 
 
 def _is_called(module: nn.Module) -> bool:

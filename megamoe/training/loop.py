@@ -42,6 +42,7 @@ from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.world import init_distributed, read_launch_env
 from megamoe.pipeline.schedules import forward_backward
 from megamoe.pipeline.stages import PipelineSplit, build_model_chunks
+from megamoe.training.allocator import keep_freed_memory
 from megamoe.training.config import TrainingConfig, build_parser
 from megamoe.training.profiling import ProfileConfig, StepProfiler
 from megamoe.training.writers import LoggingConfig, MetricsWriter
@@ -100,6 +101,8 @@ def pretrain(argv: list[str] | None = None) -> int:
     found, dense = _find_checkpoint(checkpoint, model)
 
     created_world = not dist.is_initialized()
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # large CPU temporaries reuse pages instead of faulting fresh ones (allocator.py)
     init_distributed()
     mesh = ParallelMesh(parallel)
     dtype = torch.bfloat16 if optimizer_config.bf16 else torch.float16 if optimizer_config.fp16 else torch.float32
