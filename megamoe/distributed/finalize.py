@@ -69,8 +69,9 @@ def finalize_grads(chunks: list[nn.Module], mesh: ParallelMesh, num_tokens: torc
         divisor = total.item()
     else:
         divisor = mesh.config.dp
-    for _, _, _, grad in _grads(chunks):
-        grad.div_(divisor)
+    if divisor != 1:
+        for _, _, _, grad in _grads(chunks):
+            grad.div_(divisor)
     # MoE bookkeeping of the step: expert-bias updates from the step's routed counts, global_aux_loss reset.
     for chunk in chunks:
         end_of_step(chunk, mesh)
