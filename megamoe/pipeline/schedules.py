@@ -118,9 +118,11 @@ def simulate(pp: int, vpp: int, num_microbatches: int, forward_only: bool) -> Pl
 
 @dataclass
 class StepOutput:
-    """Per micro-batch (loss sum, loss tokens) on the last pipeline stage; empty elsewhere."""
+    """Per micro-batch (loss sum, loss tokens) on the last pipeline stage; empty elsewhere. Forward-only steps
+    also keep each micro-batch's per-token loss [b, s] (before the loss mask) in token_losses."""
 
     losses: list[tuple[torch.Tensor, torch.Tensor]]
+    token_losses: list[torch.Tensor] = field(default_factory=list)
 
     def mean_loss(self) -> float | None:
         """Megatron's reported loss: the mean over micro-batches of each one's per-token mean."""
@@ -166,7 +168,8 @@ def forward_backward(chunks: list[nn.Module], batches: list[dict], mesh: Paralle
         if action is not None:
             step.forward(action) if action.kind == FORWARD else step.backward(action)
         step.exchange(messages)
-    return StepOutput([step.losses[m] for m in sorted(step.losses)])
+    return StepOutput([step.losses[m] for m in sorted(step.losses)],
+                      [step.token_losses[m] for m in sorted(step.token_losses)])
 
 
 class _Step:
@@ -180,6 +183,7 @@ class _Step:
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}   # kept for backward (or until sent)
         self.grads: dict[tuple[int, int], torch.Tensor] = {}     # gradients to send back, or received
         self.losses: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.token_losses: dict[int, torch.Tensor] = {}
         self.backwards_done = [0] * len(chunks)
 
     def _chunk(self, virtual_stage: int):
@@ -203,6 +207,8 @@ class _Step:
                 loss_sum = (out.float() * mask).sum()
                 tokens = mask.sum().to(torch.float32)
                 self.losses[m] = (loss_sum.detach(), tokens)
+                if self.forward_only:
+                    self.token_losses[m] = out.detach()
                 out = (loss_sum if self.per_token_loss else loss_sum / tokens / num_mb) * self.grad_scale
         if not (self.forward_only and chunk.post_process):  # kept for its backward, or until it is sent
             self.outputs[m, v] = out

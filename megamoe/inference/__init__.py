@@ -1,0 +1,1 @@
+"""Evaluation (perplexity) and generation from checkpoints, under any layout."""
