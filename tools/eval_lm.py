@@ -20,9 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megamoe.data.builder import DataConfig, build_datasets  # noqa: E402
 from megamoe.inference.evaluation import TextWindows, evaluate  # noqa: E402
+from megamoe.inference.profiling import maybe_profile  # noqa: E402
 from megamoe.inference.setup import load_model  # noqa: E402
 from megamoe.parallel import comm  # noqa: E402
 from megamoe.training.config import build_parser  # noqa: E402
+from megamoe.training.profiling import ProfileConfig  # noqa: E402
 
 
 def add_arguments(parser) -> None:
@@ -66,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             loaded.close()
             print(f"error: the {args.eval_split} split of --data-path is empty (see --split)", file=sys.stderr)
             return 2
-    result = evaluate(loaded, dataset, args.micro_batch_size, samples, args.output_word_probs)
+    profile = ProfileConfig.from_args(args)
+    with maybe_profile(profile.enabled and mesh.rank in profile.ranks, profile.output_dir, mesh.rank):
+        result = evaluate(loaded, dataset, args.micro_batch_size, samples, args.output_word_probs)
     if mesh.rank == mesh.config.world_size - 1:
         print(f"{loaded.checkpoint}: {result.tokens} tokens | loss {result.loss:.6f} | perplexity "
               f"{result.perplexity:.4f} | {result.tokens_per_second:.1f} tokens/s", flush=True)

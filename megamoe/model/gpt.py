@@ -118,7 +118,8 @@ class SelfAttention(nn.Module):
                                              device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                attention_mask: torch.Tensor | None, dropout_ctx: DropoutContext | None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None, dropout_ctx: DropoutContext | None,
+                kv_cache=None) -> torch.Tensor:
         qkv = self.linear_qkv(x)                                           # [s, b, groups/tp * (q/g + 2) * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.groups_local, self.queries_per_group + 2, self.kv_channels)
@@ -127,6 +128,8 @@ class SelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))              # [b, heads, s, d]
+        if kv_cache is not None:  # generation: this step's keys and values join the cached ones
+            k, v = kv_cache.update(self.layer_number, k, v)                # [b, groups/tp, cache length, d]
         if self.recompute_core and torch.is_grad_enabled():
             # Selective recomputation: the [b, heads, s, s] intermediates are rebuilt in backward, not stored.
             context = checkpoint(self._core_attention, q, k, v, attention_mask, dropout_ctx, use_reentrant=False)
@@ -183,8 +186,8 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = Norm(config, sp, device, dtype)
         self.mlp = build_mlp(config, mesh, layer_number, device, dtype)
 
-    def forward(self, x, rotary, attention_mask, dropout_ctx, hidden_coords):
-        out = self.self_attention(self.input_layernorm(x), rotary, attention_mask, dropout_ctx)
+    def forward(self, x, rotary, attention_mask, dropout_ctx, hidden_coords, kv_cache=None):
+        out = self.self_attention(self.input_layernorm(x), rotary, attention_mask, dropout_ctx, kv_cache)
         x = x + dropout(out, self.hidden_dropout, self.training, dropout_ctx, (self.layer_number, ATTENTION_OUT),
                         hidden_coords)
         out = self.mlp(self.pre_mlp_layernorm(x), dropout_ctx)
@@ -216,9 +219,9 @@ def recompute_plan(config: ModelConfig, num_layers: int) -> list[tuple[range, bo
     return [(range(i, i + 1), True) for i in range(blocked)] + [(range(blocked, num_layers), False)]
 
 
-def _run_layers(layers, x, rotary, attention_mask, dropout_ctx, hidden_coords):
+def _run_layers(layers, x, rotary, attention_mask, dropout_ctx, hidden_coords, kv_cache=None):
     for layer in layers:
-        x = layer(x, rotary, attention_mask, dropout_ctx, hidden_coords)
+        x = layer(x, rotary, attention_mask, dropout_ctx, hidden_coords, kv_cache)
     return x
 
 
@@ -278,16 +281,20 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+                hidden_states: torch.Tensor | None = None, sample_ids: torch.Tensor | None = None,
+                kv_cache=None) -> torch.Tensor:
         """One micro-batch through this stage.
 
         Args:
             input_ids: [b, s] token ids (first stage).
             position_ids: [b, s]; default 0..s-1 for every sample.
-            attention_mask: [b or 1, 1, s, s] bool, True where attention is not allowed; default causal.
+            attention_mask: [b or 1, 1, s, s] bool, True where attention is not allowed; default causal. With
+                kv_cache: [b or 1, 1, s, cache length], over the cached positions.
             labels: [b, s] target ids (last stage); when given, returns the per-token loss [b, s].
             hidden_states: [s(/tp), b, h] from the previous stage (other stages).
             sample_ids: [b] global sample ids naming the dropout masks; default 0..b-1.
+            kv_cache: for generation (megamoe.inference.generation.KVCache): keys and values of the positions
+                already seen; this call's are written at position_ids.
         Returns:
             loss [b, s] (labels given), logits [b, s, V/tp] (last stage), or hidden states [s(/tp), b, h].
         """
@@ -324,7 +331,7 @@ class GPTModel(nn.Module):
                 # Only the group's input is kept; backward runs the group's forward again.
                 x = checkpoint(run, x, rotary, attention_mask, dropout_ctx, hidden_coords, use_reentrant=False)
             else:
-                x = run(x, rotary, attention_mask, dropout_ctx, hidden_coords)
+                x = run(x, rotary, attention_mask, dropout_ctx, hidden_coords, kv_cache)
         if not self.post_process:
             return x
         x = self.decoder.final_layernorm(x)

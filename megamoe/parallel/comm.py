@@ -66,13 +66,14 @@ def _launch(group: AxisGroup, op: str, payload_bytes: int, wire_bytes: int, asyn
             call: Callable[[], object]) -> Pending | None:
     """Record the call, run it with named failures, and wait for it unless async_op."""
     group.ledger.record(group.axis, op, payload_bytes, wire_bytes)
-    with _named_failure(group, op):
+    # Named in profiler traces as "comm.<op>.<axis>" (inference/profiling.py sums them per MoE layer).
+    with torch.profiler.record_function(f"comm.{op}.{group.axis}"), _named_failure(group, op):
         work = call()
-    pending = Pending(group, op, work)
-    if async_op:
-        return pending
-    pending.wait()
-    return None
+        pending = Pending(group, op, work)
+        if not async_op:
+            pending.wait()
+            return None
+    return pending
 
 
 def all_reduce(tensor: torch.Tensor, group: AxisGroup, op=ReduceOp.SUM, async_op: bool = False) -> Pending | None:
