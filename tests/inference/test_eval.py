@@ -137,3 +137,27 @@ def test_bad_input(dist_run, trained, tmp_path, capsys):
     assert _eval([*base, "--vocab-size", str(VOCAB), "--load", str(trained / "ckpt"), "--eval-text",
                   str(tmp_path / "absent.jsonl")]) == 2
     assert "--eval-text" in capsys.readouterr().err
+
+
+def test_data_path_split_and_profile(dist_run, trained, tmp_path):
+    import numpy as np
+
+    from megamoe.data.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "docs.bin"), dtype=np.uint16)
+    total = 0
+    for line in open(trained / "docs.jsonl"):
+        ids = [int(t) for t in json.loads(line)["text"].split()] + [VOCAB - 1]
+        builder.add_document(ids, [len(ids)])
+        total += len(ids)
+    builder.finalize(str(tmp_path / "docs.idx"))
+    argv = ["--load", str(trained / "ckpt"), "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
+            "--data-path", str(tmp_path / "docs"), "--split", "0,1,0", "--micro-batch-size", "2", "--num-workers",
+            "0", "--full-validation", "--output-json", str(tmp_path / "result.json"), "--profile", "--profile-dir",
+            str(tmp_path / "profile"), "--expert-model-parallel-size", "2"]
+    assert dist_run(2, _eval, argv) == [0, 0]
+    result = json.load(open(tmp_path / "result.json"))
+    assert result["tokens"] == (total - 1) // SEQ * SEQ  # one epoch of the split, Megatron's sample count
+    assert 3 < result["loss"] < 8
+    summary = (tmp_path / "profile" / "rank0.summary.txt").read_text()
+    assert "layer   0  comm.all_gather.tp_ep" in summary  # the allgather dispatcher's exchange, by layer
