@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemWriter
 
 from megamoe.checkpoint.safe_reader import SafeFileSystemReader, load_metadata
-from megamoe.checkpoint.shards import GlobalShards, saved_shape
+from megamoe.checkpoint.shards import saved_shape
 from megamoe.checkpoint.state import model_state, optimizer_state, rng_state
 from megamoe.parallel import comm
 
@@ -69,7 +69,8 @@ class CheckpointConfig:
         if self.ckpt_step is not None and not self.load:
             raise ValueError("--ckpt-step needs --load <directory>")
         if self.moe_use_upcycling and not (self.load and self.save):
-            raise ValueError("--moe-use-upcycling needs --load <dense checkpoint> and --save <where the MoE model goes>")
+            raise ValueError("--moe-use-upcycling needs --load <dense checkpoint> and --save <where the MoE model "
+                             "goes>")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -305,8 +305,8 @@ def _log_iteration(run: Run, window, lr, grad_norm, flops_per_sample) -> None:
                           if layer.metrics}, mesh["dp_cp"], mesh["pp"], run.model.num_layers,
                          moe_config.num_experts if moe_config else 0)
     # Megatron's MoE loss fields: each loss (times its coefficient) averaged over the MoE layers.
-    moe_losses = {name: sum(m.get(name, 0.0) for m in moe.values()) / len(moe) for name in ("load_balancing_loss", "z_loss")
-                  if any(name in m for m in moe.values())}
+    moe_losses = {name: sum(m.get(name, 0.0) for m in moe.values()) / len(moe)
+                  for name in ("load_balancing_loss", "z_loss") if any(name in m for m in moe.values())}
     tokens = batch_size * run.model.seq_length
     flops = flops_per_sample * batch_size
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")

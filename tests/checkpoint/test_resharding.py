@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from tests import entry_points
+
 TINY = ("--mock-data --vocab-size 300 --num-layers 4 --hidden-size 32 --num-attention-heads 4 --group-query-attention "
         "--num-query-groups 2 --seq-length 16 --max-position-embeddings 16 --micro-batch-size 1 --global-batch-size 8 "
         "--train-iters 10 --log-interval 1 --eval-interval 1000 --eval-iters 0 --lr 1e-3 --normalization RMSNorm "
@@ -23,11 +25,6 @@ RESUMED_UNDER = {
 }
 
 
-def _pretrain(argv):
-    from megamoe.training.loop import pretrain
-
-    return pretrain(argv)
-
 
 def _losses(log_dir):
     with open(os.path.join(log_dir, "metrics.jsonl")) as f:
@@ -38,13 +35,13 @@ def _losses(log_dir):
 def unbroken(dist_run, tmp_path_factory):
     """10 iterations under tp2 pp2 ep2, saving at 5 and 10."""
     root = tmp_path_factory.mktemp("unbroken")
-    dist_run(8, _pretrain, TINY + SAVED_UNDER + ["--save", str(root / "ckpt"), "--save-interval", "5",
+    dist_run(8, entry_points.pretrain, TINY + SAVED_UNDER + ["--save", str(root / "ckpt"), "--save-interval", "5",
                                                   "--log-dir", str(root)], timeout=300)
     return root
 
 
 def test_same_layout_resumes_bitwise(dist_run, unbroken, tmp_path):
-    dist_run(8, _pretrain, TINY + SAVED_UNDER + ["--load", str(unbroken / "ckpt"), "--ckpt-step", "5",
+    dist_run(8, entry_points.pretrain, TINY + SAVED_UNDER + ["--load", str(unbroken / "ckpt"), "--ckpt-step", "5",
                                                   "--log-dir", str(tmp_path)], timeout=300)
     expected, resumed = _losses(unbroken), _losses(tmp_path)
     assert sorted(resumed) == [6, 7, 8, 9, 10]
@@ -54,7 +51,7 @@ def test_same_layout_resumes_bitwise(dist_run, unbroken, tmp_path):
 @pytest.mark.parametrize("layout", sorted(RESUMED_UNDER))
 def test_other_layouts_resume_the_same_run(dist_run, unbroken, tmp_path, layout):
     world, flags = RESUMED_UNDER[layout]
-    dist_run(world, _pretrain, TINY + flags + ["--load", str(unbroken / "ckpt"), "--ckpt-step", "5",
+    dist_run(world, entry_points.pretrain, TINY + flags + ["--load", str(unbroken / "ckpt"), "--ckpt-step", "5",
                                                "--log-dir", str(tmp_path)], timeout=300)
     expected, resumed = _losses(unbroken), _losses(tmp_path)
     assert sorted(resumed) == [6, 7, 8, 9, 10]
@@ -63,10 +60,11 @@ def test_other_layouts_resume_the_same_run(dist_run, unbroken, tmp_path, layout)
 
 
 def test_async_save_snapshots_the_iteration_while_training_goes_on(dist_run, unbroken, tmp_path):
-    dist_run(8, _pretrain, TINY + SAVED_UNDER + ["--save", str(tmp_path / "ckpt"), "--save-interval", "5",
+    dist_run(8, entry_points.pretrain, TINY + SAVED_UNDER + ["--save", str(tmp_path / "ckpt"), "--save-interval", "5",
                                                   "--async-save", "--log-dir", str(tmp_path / "async")], timeout=300)
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["iter_0000005", "iter_0000010", "latest_checkpointed_iteration.txt"]
-    dist_run(1, _pretrain, TINY + ["--load", str(tmp_path / "ckpt"), "--ckpt-step", "5", "--log-dir",
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["iter_0000005", "iter_0000010",
+                                                     "latest_checkpointed_iteration.txt"]
+    dist_run(1, entry_points.pretrain, TINY + ["--load", str(tmp_path / "ckpt"), "--ckpt-step", "5", "--log-dir",
                                    str(tmp_path / "resumed")], timeout=300)
     expected, resumed = _losses(unbroken), _losses(tmp_path / "resumed")
     assert _losses(tmp_path / "async") == expected  # saving in the background changes nothing

@@ -5,7 +5,6 @@ compare it with what the collective produced.
 """
 
 import torch
-import torch.distributed as dist
 
 from megamoe.parallel import comm, regions
 from megamoe.parallel.group import AxisGroup

@@ -14,7 +14,7 @@ from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.pipeline.schedules import forward_backward, stage_actions
 from megamoe.pipeline.stages import PipelineSplit, build_model_chunks
-from tests.model_cases import SEED, VARIANTS, VOCAB_TABLES, _padded, make_config, rel
+from tests.model_cases import SEED, VARIANTS, _padded, make_config, rel
 
 LR = 0.1
 

@@ -2,7 +2,6 @@
 the previous checkpoint loadable, resuming names the partial save and continues; bad --load input fails on every
 rank before any collective."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -81,7 +80,8 @@ def test_dist_mmap_trains_on_the_same_samples(tmp_path):
         builder.add_document(doc, [len(doc)])
     builder.finalize(str(tmp_path / "corpus.idx"))
     real = [a for a in TINY if a != "--mock-data"] + ["--tokenizer-type", "NullTokenizer", "--data-path",
-                                                      str(tmp_path / "corpus"), "--train-iters", "4", "--split", "1,0,0"]
+                                                      str(tmp_path / "corpus"), "--train-iters", "4",
+                                                      "--split", "1,0,0"]
     results = []
     for name, extra in (("full", []), ("shards", ["--dist-mmap"])):
         proc = run_ranks(2, [sys.executable, "pretrain_gpt.py", *real, *extra, "--log-dir", str(tmp_path / name)])

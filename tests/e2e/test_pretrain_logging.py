@@ -17,8 +17,8 @@ def logged_run(tmp_path_factory):
     pytest.importorskip("wandb")
     root = tmp_path_factory.mktemp("logging")
     env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}
-    proc = run(4, [*FOUR_RANKS, "--moe-z-loss-coeff", "1e-3", "--train-iters", "6", "--global-batch-size", "8", "--rampup-batch-size", "4", "4",
-                   "16", "--eval-interval", "3", "--eval-iters", "1", "--tensorboard-dir", str(root / "tb"),
+    proc = run(4, [*FOUR_RANKS, "--moe-z-loss-coeff", "1e-3", "--train-iters", "6", "--global-batch-size", "8",
+                   "--rampup-batch-size", "4", "4", "16", "--eval-interval", "3", "--eval-iters", "1", "--tensorboard-dir", str(root / "tb"),
                    "--wandb-project", "megamoe-test", "--wandb-exp-name", "tiny", "--profile",
                    "--profile-step-start", "2", "--profile-step-end", "3", "--profile-ranks", "0", "3"],
                root, extra_env=env)

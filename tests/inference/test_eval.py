@@ -10,22 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests import entry_points
 from tests.e2e.test_pretrain import TINY
 
 VOCAB, SEQ = 512, 32
 MODEL = [a for a in TINY if a not in ("--mock-data",)]
 
 
-def _pretrain(argv):
-    from megamoe.training.loop import pretrain
-
-    return pretrain(argv)
-
-
-def _eval(argv):
-    from tools.eval_lm import main
-
-    return main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +27,8 @@ def trained(dist_run, tmp_path_factory):
         for _ in range(20):
             ids = torch.randint(0, VOCAB - 1, (int(torch.randint(5, 60, (1,), generator=g)),), generator=g)
             f.write(json.dumps({"text": " ".join(map(str, ids.tolist()))}) + "\n")
-    dist_run(1, _pretrain, TINY + ["--train-iters", "3", "--save", str(root / "ckpt"), "--log-dir", str(root)])
+    dist_run(1, entry_points.pretrain,
+             TINY + ["--train-iters", "3", "--save", str(root / "ckpt"), "--log-dir", str(root)])
     return root
 
 
@@ -103,7 +95,7 @@ def test_perplexity_equals_an_independent_forward(dist_run, trained, tmp_path, l
             "--eval-text", str(trained / "docs.jsonl"), "--micro-batch-size", "2", "--full-validation",
             "--output-json", str(tmp_path / "result.json"), "--output-word-probs", str(tmp_path / "probs.jsonl"),
             *flags]
-    assert dist_run(world, _eval, argv) == [0] * world
+    assert dist_run(world, entry_points.eval_lm, argv) == [0] * world
     result = json.load(open(tmp_path / "result.json"))
     assert result["tokens"] == tokens
     assert abs(result["loss"] - loss) <= 1e-5 * loss
@@ -118,7 +110,7 @@ def test_evaluation_capacity_drops_as_computed(dist_run, trained, tmp_path):
     argv = ["--load", str(trained / "ckpt"), "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
             "--eval-text", str(trained / "docs.jsonl"), "--micro-batch-size", "1", "--full-validation",
             "--moe-eval-capacity-token-fraction", "0.3", "--output-json", str(tmp_path / "result.json")]
-    assert dist_run(1, _eval, argv) == [0]
+    assert dist_run(1, entry_points.eval_lm, argv) == [0]
     moe = json.load(open(tmp_path / "result.json"))["moe"]
     assert sorted(moe) == [str(n) for n in sorted(routed)]
     for n, (total, kept) in routed.items():
@@ -128,13 +120,13 @@ def test_evaluation_capacity_drops_as_computed(dist_run, trained, tmp_path):
 
 def test_bad_input(dist_run, trained, tmp_path, capsys):
     base = ["--tokenizer-type", "NullTokenizer", "--micro-batch-size", "1"]
-    assert _eval([*base, "--vocab-size", str(VOCAB), "--load", str(tmp_path / "none"), "--eval-text",
+    assert entry_points.eval_lm([*base, "--vocab-size", str(VOCAB), "--load", str(tmp_path / "none"), "--eval-text",
                   str(trained / "docs.jsonl")]) == 2
     assert "--load" in capsys.readouterr().err
-    assert _eval([*base, "--vocab-size", "100", "--load", str(trained / "ckpt"), "--eval-text",
+    assert entry_points.eval_lm([*base, "--vocab-size", "100", "--load", str(trained / "ckpt"), "--eval-text",
                   str(trained / "docs.jsonl")]) == 2
     assert "the tokenizer has 100 tokens but the checkpoint's model 512" in capsys.readouterr().err
-    assert _eval([*base, "--vocab-size", str(VOCAB), "--load", str(trained / "ckpt"), "--eval-text",
+    assert entry_points.eval_lm([*base, "--vocab-size", str(VOCAB), "--load", str(trained / "ckpt"), "--eval-text",
                   str(tmp_path / "absent.jsonl")]) == 2
     assert "--eval-text" in capsys.readouterr().err
 
@@ -155,7 +147,7 @@ def test_data_path_split_and_profile(dist_run, trained, tmp_path):
             "--data-path", str(tmp_path / "docs"), "--split", "0,1,0", "--micro-batch-size", "2", "--num-workers",
             "0", "--full-validation", "--output-json", str(tmp_path / "result.json"), "--profile", "--profile-dir",
             str(tmp_path / "profile"), "--expert-model-parallel-size", "2"]
-    assert dist_run(2, _eval, argv) == [0, 0]
+    assert dist_run(2, entry_points.eval_lm, argv) == [0, 0]
     result = json.load(open(tmp_path / "result.json"))
     assert result["tokens"] == (total - 1) // SEQ * SEQ  # one epoch of the split, Megatron's sample count
     assert 3 < result["loss"] < 8

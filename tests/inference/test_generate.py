@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests import entry_points
 from tests.e2e.test_pretrain import TINY
 
 VOCAB = 512
@@ -15,16 +16,6 @@ PROMPTS = ["5 6 7", "100", "40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 5
            "9", "200 201 202 203 204 205 206 207 208 209 210 211"]
 
 
-def _pretrain(argv):
-    from megamoe.training.loop import pretrain
-
-    return pretrain(argv)
-
-
-def _generate(argv):
-    from tools.generate import main
-
-    return main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +23,8 @@ def trained(dist_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
     argv = [a for a in TINY]
     argv[argv.index("--lr") + 1] = "5e-3"
-    dist_run(1, _pretrain, argv + ["--train-iters", "40", "--save", str(root / "ckpt"), "--log-dir", str(root)],
-             timeout=300)
+    dist_run(1, entry_points.pretrain,
+             argv + ["--train-iters", "40", "--save", str(root / "ckpt"), "--log-dir", str(root)], timeout=300)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return root
 
@@ -42,7 +33,7 @@ def _run(dist_run, trained, tmp_path, world, flags, name):
     out = tmp_path / f"{name}.jsonl"
     argv = ["--load", str(trained / "ckpt"), *COMMON, "--prompts", str(trained / "prompts.txt"),
             "--max-new-tokens", "8", "--output", str(out), *flags]
-    assert dist_run(world, _generate, argv, timeout=300) == [0] * world
+    assert dist_run(world, entry_points.generate, argv, timeout=300) == [0] * world
     return [json.loads(line) for line in open(out)]
 
 
@@ -100,15 +91,14 @@ def test_profile_summarizes_ops_syncs_and_collectives_per_moe_layer(dist_run, tr
 def test_bad_input(trained, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")
     base = ["--load", str(trained / "ckpt"), *COMMON]
-    assert _generate([*base, "--prompts", str(tmp_path / "empty.txt")]) == 2
+    assert entry_points.generate([*base, "--prompts", str(tmp_path / "empty.txt")]) == 2
     assert "holds no prompt" in capsys.readouterr().err
     (tmp_path / "long.txt").write_text(" ".join(["3"] * 30) + "\n")
-    assert _generate([*base, "--prompts", str(tmp_path / "long.txt"), "--max-new-tokens", "8"]) == 2
+    assert entry_points.generate([*base, "--prompts", str(tmp_path / "long.txt"), "--max-new-tokens", "8"]) == 2
     assert "exceeds the model's --max-position-embeddings 32" in capsys.readouterr().err
-    assert _generate([*base, "--prompts", str(trained / "prompts.txt"), "--pipeline-model-parallel-size", "1",
-                      "--top-p", "1.5"]) == 2
+    assert entry_points.generate([*base, "--prompts", str(trained / "prompts.txt"), "--top-p", "1.5"]) == 2
     assert "--top-p in (0, 1]" in capsys.readouterr().err
     model = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
              "--disable-bias-linear", "--num-experts", "4"]
-    assert _generate([*base, "--prompts", str(trained / "prompts.txt"), *model]) == 2
+    assert entry_points.generate([*base, "--prompts", str(trained / "prompts.txt"), *model]) == 2
     assert "does not match the model of the flags" in capsys.readouterr().err
