@@ -84,11 +84,12 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: int) -> tu
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim features of x [s, b, heads, d]; the rest pass through (rotary_percent < 1)."""
+    """Rotate the first rotary_dim features of x [s, b, heads, d]; the rest pass through (rotary_percent < 1).
+    Computed in x's dtype, as Megatron-Core's unfused path does (cos and sin are made in fp32, then cast)."""
     rot, rest = x[..., :cos.shape[-1]], x[..., cos.shape[-1]:]
     half = rot.shape[-1] // 2
     rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    out = (rot.float() * cos + rotated_half.float() * sin).to(x.dtype)
+    out = torch.addcmul(rot * cos.to(x.dtype), rotated_half, sin.to(x.dtype))
     return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
 
 
