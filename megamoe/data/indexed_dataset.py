@@ -162,11 +162,19 @@ class IndexedDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.get(i)
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """Raise if any token id is outside [0, vocab_size): the data was made with another tokenizer."""
+    def check_vocab(self, vocab_size: int, full_scan_tokens: int = 2 ** 28, probes: int = 64,
+                    probe_tokens: int = 2 ** 18) -> None:
+        """Raise if a token id is outside [0, vocab_size): the data was made with another tokenizer.
+
+        Files of up to full_scan_tokens tokens are scanned whole; larger ones (terabyte corpora, checked by every
+        rank at start-up) through `probes` evenly spaced windows of probe_tokens tokens: a tokenizer mismatch puts
+        out-of-range ids everywhere, so the windows find it without reading the corpus."""
         if len(self) == 0:
             return
         tokens = self._bin.view(self.dtype)
+        if tokens.size > full_scan_tokens:
+            starts = np.linspace(0, tokens.size - probe_tokens, probes).astype(np.int64)
+            tokens = np.concatenate([tokens[a:a + probe_tokens] for a in starts])
         top = int(tokens.max()) if tokens.size else 0
         if top >= vocab_size or (tokens.size and int(tokens.min()) < 0):
             raise ValueError(f"{data_file(self.prefix)} holds token id {top}, but the tokenizer's vocabulary has "

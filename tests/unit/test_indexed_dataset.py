@@ -98,3 +98,20 @@ def test_merge_tool(tmp_path):
                     "--output-prefix", str(tmp_path / "m")], check=True, capture_output=True)
     m = IndexedDataset(str(tmp_path / "m"))
     assert [m[i].tolist() for i in range(len(m))] == [[1, 2], [3], [4, 5]]
+
+
+def test_large_files_are_probed_not_scanned(tmp_path):
+    # 1000 tokens in range, with out-of-range ids spread through the file (as a mismatched tokenizer makes them)
+    tokens = [7] * 1000
+    for i in range(0, 1000, 50):
+        tokens[i] = 900
+    build(tmp_path / "d", [tokens])
+    ds = IndexedDataset(str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="holds token id 900"):  # probed: 8 windows of 16 tokens
+        ds.check_vocab(500, full_scan_tokens=100, probes=8, probe_tokens=16)
+    single = [7] * 1000
+    single[500] = 900  # between the probe windows (starting at 0, 140, 281, 421, 562, ...)
+    build(tmp_path / "e", [single])
+    IndexedDataset(str(tmp_path / "e")).check_vocab(500, full_scan_tokens=100, probes=8, probe_tokens=16)
+    with pytest.raises(ValueError, match="holds token id 900"):  # a full scan, under the size limit, sees it
+        IndexedDataset(str(tmp_path / "e")).check_vocab(500)
