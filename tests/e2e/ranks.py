@@ -10,7 +10,17 @@ import subprocess
 from megamoe.parallel.world import free_port
 
 
-def run_ranks(nproc: int, cmd: list[str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+def run_ranks(nproc: int, cmd: list[str], timeout: float = 120, tries: int = 3) -> list[subprocess.CompletedProcess]:
+    """Run every rank; start again on another port when the chosen one was taken before rank 0 could bind it
+    (free_port() releases it, and an ephemeral connection of another process may grab it meanwhile)."""
+    for _ in range(tries):
+        results = _run_once(nproc, cmd, timeout)
+        if not any("address already in use" in r.stderr.lower() for r in results):
+            break
+    return results
+
+
+def _run_once(nproc: int, cmd: list[str], timeout: float) -> list[subprocess.CompletedProcess]:
     port = free_port()
     procs = []
     for rank in range(nproc):

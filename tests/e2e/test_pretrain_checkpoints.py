@@ -85,7 +85,7 @@ def test_dist_mmap_trains_on_the_same_samples(tmp_path):
     results = []
     for name, extra in (("full", []), ("shards", ["--dist-mmap"])):
         proc = run_ranks(2, [sys.executable, "pretrain_gpt.py", *real, *extra, "--log-dir", str(tmp_path / name)])
-        assert all(p.returncode == 0 for p in proc), proc[0].stderr[-2000:]
+        assert all(p.returncode == 0 for p in proc), [p.stderr[-2000:] for p in proc]
         results.append(losses(tmp_path / name))
     assert len(results[0]) == 4 and results[0] == results[1]
     assert list((tmp_path / "cache" / "GPTDataset_indices").glob("*-dp1of2-mbs2.offsets.npy"))
