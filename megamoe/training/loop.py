@@ -63,6 +63,7 @@ class Run:
     writer: MetricsWriter
     profiler: StepProfiler
     saver: AsyncSaver | None = None
+    stop: dict | None = None  # {"signal": True} once SIGTERM arrived (--exit-signal-handler)
     iteration: int = 0
     consumed_samples: int = 0
 
@@ -84,6 +85,9 @@ def pretrain(argv: list[str] | None = None) -> int:
                           args.decoder_last_pipeline_num_layers)
     training = TrainingConfig.from_args(args, parallel.dp)
     training.check(parallel.dp)
+    stop = {"signal": False}
+    if training.exit_signal_handler:  # from the start: a SIGTERM during set-up stops the run at its first step
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     if training.rampup_batch_size and parallel.vpp and training.rampup_batch_size.start < (
             parallel.pp * training.micro_batch_size * parallel.dp):
         raise ValueError(f"--rampup-batch-size: the interleaved schedule needs >= {parallel.pp} micro-batches from "
@@ -111,7 +115,8 @@ def pretrain(argv: list[str] | None = None) -> int:
     optimizer = MegatronOptimizer(ddps, mesh, optimizer_config, schedule)
     writer = MetricsWriter(logging_config, vars(args), active=mesh.rank == world_size - 1)
     run = Run(args, mesh, model, training, checkpoint, chunks, ddps, optimizer, writer,
-              StepProfiler(profile, mesh.rank), AsyncSaver(mesh) if checkpoint.async_save and checkpoint.save else None)
+              StepProfiler(profile, mesh.rank), AsyncSaver(mesh) if checkpoint.async_save and checkpoint.save else None,
+              stop)
     _report(run)
     if dense is not None:  # --moe-use-upcycling: rank 0 writes the MoE checkpoint, then everyone loads it
         if mesh.rank == 0:
@@ -216,9 +221,7 @@ def _batches(iterator, num_mb: int, consumed: int, micro_batch_size: int, dp_ran
 
 def _train(run: Run, train_iter, valid_iter) -> None:
     mesh, training, optimizer = run.mesh, run.training, run.optimizer
-    stop = {"signal": False}
-    if training.exit_signal_handler:
-        signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    stop = run.stop
     flops_per_sample = training_flops_per_sample(run.model, tp=mesh.config.tp)
     start, window, saved_at = time.time(), [], None
     while run.iteration < training.train_iters:
