@@ -68,7 +68,7 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     split = PipelineSplit(model.num_layers, parallel.pp, parallel.vpp, args.decoder_first_pipeline_num_layers,
                           args.decoder_last_pipeline_num_layers)
     created = not dist.is_initialized()
-    if not torch.cuda.is_available():
+    if created and not torch.cuda.is_available():  # only when this process is the tool's own job
         keep_freed_memory()
     init_distributed()
     mesh = ParallelMesh(parallel)

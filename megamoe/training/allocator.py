@@ -4,7 +4,9 @@ By default glibc serves blocks above a threshold with fresh mmap'ed pages and re
 a CPU training step that creates and frees [tokens, vocab] or expert-sized temporaries pays for zeroed pages
 every time (measured here: 12 ms to add a bf16 gradient of 8M elements into fp32 with fresh pages, 3 ms with
 reused ones; a whole small-preset step 2.85 s -> 2.5 s). mallopt() switches that off for this process: the peak
-memory stays reserved, which is what a training process wants. On other C libraries it does nothing.
+memory stays reserved, which is what a training process wants, so pretrain_gpt.py and the tools call it only
+when they own the process (they started torch.distributed themselves), never inside a host program or a test
+worker that lives on. On other C libraries it does nothing.
 """
 
 from __future__ import annotations

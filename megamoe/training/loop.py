@@ -105,8 +105,10 @@ def pretrain(argv: list[str] | None = None) -> int:
     found, dense = _find_checkpoint(checkpoint, model)
 
     created_world = not dist.is_initialized()
-    if not torch.cuda.is_available():
-        keep_freed_memory()  # large CPU temporaries reuse pages instead of faulting fresh ones (allocator.py)
+    if created_world and not torch.cuda.is_available():
+        # This process is the training job (not a test or a host program that already runs torch.distributed):
+        # large CPU temporaries reuse pages instead of faulting fresh ones (allocator.py).
+        keep_freed_memory()
     init_distributed()
     mesh = ParallelMesh(parallel)
     dtype = torch.bfloat16 if optimizer_config.bf16 else torch.float16 if optimizer_config.fp16 else torch.float32
