@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     args.seq_length = seq  # the checkpoint's when the flag was left out
     samples = None if args.full_validation else args.eval_iters * args.micro_batch_size * mesh.config.dp
     if args.eval_text is not None:
-        dataset = TextWindows(args.eval_text, loaded.tokenizer, seq)
+        try:  # the same file on every rank: all of them fail alike, before any collective of the evaluation
+            dataset = TextWindows(args.eval_text, loaded.tokenizer, seq)
+        except ValueError as err:
+            loaded.close()
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     else:
         which = 1 if args.eval_split == "valid" else 2
         counts = [0, 0, 0]

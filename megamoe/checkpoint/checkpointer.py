@@ -218,6 +218,7 @@ class AsyncSaver:
         self.group = dist.new_group(list(range(mesh.config.world_size)), backend="gloo") \
             if mesh.config.world_size > 1 else None
         self.thread = None
+        self.pending: tuple[str, int, dict] | None = None  # (root, iteration, common.json record) in flight
         self.error: BaseException | None = None
 
     def save(self, root, iteration, chunks, optimizer, common, save_optim=True, save_rng=True) -> None:

@@ -16,12 +16,12 @@ row of every rank is done: no rank leaves a collective early.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from megamoe.parallel import comm, regions
+from megamoe.tensor_parallel.params import name_seed
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,7 @@ def _masked(query_positions: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _generator(seed: int, prompt_index: int) -> torch.Generator:
-    digest = hashlib.blake2b(f"{seed}/{prompt_index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(name_seed(seed, str(prompt_index)))
 
 
 def _choose(logits: torch.Tensor, config: SamplingConfig, generators: list) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -107,10 +107,20 @@ class _Region:
     undecayed: list[tuple[int, int]]
     counted: list[tuple[int, int]]
     bucket: Bucket | None = None  # sharded: the bucket whose parameters are all-gathered after the update
+    _views: list | None = field(default=None, repr=False)
 
     @property
     def grad(self) -> torch.Tensor:
         return self.buffer.grad[self.lo:self.hi]
+
+    def adam_views(self) -> list[tuple[list[list[torch.Tensor]], bool]]:
+        """Per span kind (decayed, undecayed): views of [main, grad, exp_avg, exp_avg_sq] over its spans. The
+        buffers live as long as the region, so the views are made once."""
+        if self._views is None:
+            tensors = (self.main, self.grad, *self.state)
+            self._views = [([[t[a:b] for a, b in spans] for t in tensors], decay)
+                           for spans, decay in ((self.decayed, True), (self.undecayed, False)) if spans]
+        return self._views
 
 
 def _spans(buffer: GradBuffer, lo: int, hi: int, mesh: ParallelMesh, replicated: bool, tied_copy: set):
@@ -247,13 +257,9 @@ class MegatronOptimizer:
         # What torch.optim.AdamW does element for element (decoupled weight decay, bias-corrected moments), in
         # torch's fused kernel: one pass over the region instead of a chain of whole-buffer operations.
         c, step = self.config, torch.tensor(float(self.iteration))
-        exp_avg, exp_avg_sq = r.state
-        for spans, decay in ((r.decayed, wd), (r.undecayed, 0.0)):
-            if not spans:
-                continue
-            views = [[t[a:b] for a, b in spans] for t in (r.main, r.grad, exp_avg, exp_avg_sq)]
-            torch._fused_adamw_(*views, [], [step] * len(spans), lr=lr, beta1=c.adam_beta1, beta2=c.adam_beta2,
-                                weight_decay=decay, eps=c.adam_eps, amsgrad=False, maximize=False)
+        for views, decay in r.adam_views():
+            torch._fused_adamw_(*views, [], [step] * len(views[0]), lr=lr, beta1=c.adam_beta1, beta2=c.adam_beta2,
+                                weight_decay=wd if decay else 0.0, eps=c.adam_eps, amsgrad=False, maximize=False)
 
     def _sgd(self, r: _Region, lr: float, wd: float) -> None:
         # torch.optim.SGD: coupled weight decay, momentum buffer starting at the first gradient.

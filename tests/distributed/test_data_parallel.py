@@ -160,6 +160,30 @@ def test_fp16_skips_steps_on_inf_and_backs_off_with_hysteresis():
     assert step(False) and step(False) and opt.loss_scale == 1024.0                          # 3 clean steps: x2
 
 
+def test_sgd_with_momentum_and_weight_decay_equals_torch():
+    """SGD's weight decay (coupled, not on 1-D parameters) and momentum against torch.optim.SGD."""
+    schedule = ScheduleConfig(lr=0.05, decay_iters=10, decay_style="constant", start_weight_decay=0.1,
+                              end_weight_decay=0.1)
+    model, ddp, opt = _tiny_optimizer(torch.float32, dict(optimizer="sgd", sgd_momentum=0.9, clip_grad=0.0),
+                                      schedule)
+    params = dict(model.named_parameters())
+    ref = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    torch_sgd = torch.optim.SGD([{"params": [p for p in ref.values() if p.dim() > 1], "weight_decay": 0.1},
+                                 {"params": [p for p in ref.values() if p.dim() <= 1], "weight_decay": 0.0}],
+                                lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ddp.zero_grad()
+        for n, p in params.items():
+            grad = torch.randn(p.shape, generator=g)
+            p.main_grad.copy_(grad)
+            ref[n].grad = grad.clone()
+        opt.step()
+        torch_sgd.step()
+    for n, p in params.items():
+        assert rel(p.detach(), ref[n].detach()) < 1e-6, n
+
+
 def test_bf16_keeps_fp32_master_weights_so_tiny_updates_add_up():
     model, ddp, opt = _tiny_optimizer(torch.bfloat16, dict(bf16=True, optimizer="sgd", sgd_momentum=0.0,
                                                            clip_grad=0.0),

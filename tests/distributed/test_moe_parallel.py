@@ -31,6 +31,8 @@ CASES = {
                                                   aux_loss_coeff=(0.01, 0.02))),
     "tp2sp-ep2-alltoall": (2, dict(tp=2, ep=2, etp=1, **SP), dict(token_dispatcher_type="alltoall")),
     "tp2sp-etp2-allgather": (2, dict(tp=2, ep=1, etp=2, **SP), dict()),
+    "tp2sp-ep2-alltoall-grouped-mm": (4, dict(tp=2, ep=2, etp=1, **SP), dict(token_dispatcher_type="alltoall",
+                                                                          grouped_gemm=True)),
     "tp2sp-ep2-alltoall-probs": (4, dict(tp=2, ep=2, etp=1, **SP), dict(token_dispatcher_type="alltoall", **DROP)),
     "tp2sp-ep2-etp2-alltoall-position-pad": (4, dict(tp=2, ep=2, etp=2, **SP), dict(
         token_dispatcher_type="alltoall", token_drop_policy="position", pad_expert_input_to_capacity=True, **DROP)),

@@ -148,7 +148,6 @@ def test_grouped_backends_equal_the_loop(backend, dtype):
         x.grad = w.grad = None
         y = grouped_linear(x, w, counts, offsets, b)
         (y * upstream).sum().backward()
-        assert w.grad.is_contiguous()  # stored as computed: no layout copy in autograd's accumulation
         results.append((y.detach().float(), x.grad.float(), w.grad.float()))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(*results):
