@@ -11,6 +11,11 @@ from megamoe.parallel.config import ParallelConfig
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
+# Megatron-LM's --attention-backend values. flash and fused: torch's scaled_dot_product_attention (its flash or
+# memory-efficient kernels); unfused and local: megamoe's block-causal attention (model/block_attention.py), which
+# keeps the probabilities for backward; auto: block-causal on CPU up to BLOCK_ATTENTION_MAX_SEQ keys, else SDPA.
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
+BLOCK_ATTENTION_MAX_SEQ = 2048
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    attention_backend: str = "auto"
     moe: MoEConfig | None = None
     # Activation recomputation (Megatron's --recompute-*): trades a second forward in backward for memory. It
     # changes no value: dropout masks are hashed from element identities and routing statistics are counted once.
@@ -97,6 +103,8 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 out.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            out.append(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.init_method_std <= 0:
             out.append(f"--init-method-std must be > 0, got {self.init_method_std}")
         if self.moe is not None and self.add_bias_linear:
@@ -178,7 +186,12 @@ class ModelConfig:
         g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
         g.add_argument("--group-query-attention", action="store_true", help="use --num-query-groups")
         g.add_argument("--use-mcore-models", action="store_true", help="accepted; megamoe has one model")
-        g.add_argument("--no-masked-softmax-fusion", action="store_true", help="accepted; attention uses SDPA")
+        g.add_argument("--no-masked-softmax-fusion", action="store_true",
+                       help="accepted; the softmax's fusion follows --attention-backend")
+        g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                       help="flash/fused: torch's scaled_dot_product_attention; unfused/local: block-causal "
+                            "attention that skips the masked triangle and keeps the probabilities for backward; "
+                            f"auto: block-causal on CPU for sequences up to {BLOCK_ATTENTION_MAX_SEQ}, else SDPA")
         g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                        help="full: recompute whole layers (with --recompute-method/--recompute-num-layers); "
                             "selective: recompute the core attention only")
@@ -206,7 +219,7 @@ class ModelConfig:
                    rotary_percent=args.rotary_percent, swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear,
                    untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
                    init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
-                   attention_dropout=args.attention_dropout, moe=moe,
+                   attention_dropout=args.attention_dropout, attention_backend=args.attention_backend, moe=moe,
                    recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
                    recompute_num_layers=args.recompute_num_layers)
 

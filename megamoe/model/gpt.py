@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megamoe.model.config import ModelConfig
+from megamoe.model.block_attention import block_causal_attention
+from megamoe.model.config import BLOCK_ATTENTION_MAX_SEQ, ModelConfig
 from megamoe.model.mlp import MLP
 from megamoe.moe.layer import MoELayer
 from megamoe.parallel.group import AxisGroup
@@ -107,6 +108,7 @@ class SelfAttention(nn.Module):
         c, tp = config, tp_group.size
         self.layer_number, self.kv_channels, self.dropout_p = layer_number, c.kv_channels, c.attention_dropout
         self.recompute_core = c.recompute_granularity == "selective"
+        self.backend = c.attention_backend
         self.groups_local = c.num_query_groups // tp
         self.queries_per_group = c.num_attention_heads // c.num_query_groups
         self.head_offset = tp_group.index * c.num_attention_heads // tp
@@ -128,24 +130,46 @@ class SelfAttention(nn.Module):
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]                          # [s, b, groups/tp, d]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        blockwise = attention_mask is None and kv_cache is None and self._use_block_attention(q)
+        core = self._block_attention if blockwise else self._core_attention
+        if self.recompute_core and torch.is_grad_enabled():
+            # Selective recomputation: the [b, heads, s, s] intermediates are rebuilt in backward, not stored.
+            context = checkpoint(core, q, k, v, attention_mask, dropout_ctx, kv_cache, use_reentrant=False)
+        else:
+            context = core(q, k, v, attention_mask, dropout_ctx, kv_cache)  # [s, b, heads/tp * d]
+        return self.linear_proj(context)
+
+    def _use_block_attention(self, q: torch.Tensor) -> bool:
+        """--attention-backend: unfused/local always, auto on CPU up to BLOCK_ATTENTION_MAX_SEQ positions (the kept
+        probabilities grow with s^2); attention dropout needs the explicit path of _attention_with_dropout."""
+        if self.training and self.dropout_p > 0:
+            return False
+        if self.backend in ("unfused", "local"):
+            return True
+        return self.backend == "auto" and q.device.type == "cpu" and q.shape[0] <= BLOCK_ATTENTION_MAX_SEQ
+
+    def _block_attention(self, q, k, v, attention_mask, dropout_ctx, kv_cache):
+        """Causal attention by block_causal_attention: [s, b, heads, d], [s, b, groups, d] -> [s, b, heads * d]."""
+        s, b, _, d = q.shape
+        g, r = self.groups_local, self.queries_per_group
+        q = q.view(s, b, g, r, d).permute(1, 2, 0, 3, 4).reshape(b, g, s * r, d)  # rows ordered (position, head)
+        context = block_causal_attention(q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))
+        return context.view(b, g, s, r, d).permute(2, 0, 1, 3, 4).reshape(s, b, g * r * d)
+
+    def _core_attention(self, q, k, v, attention_mask, dropout_ctx, kv_cache):
+        """softmax(q k^T / sqrt(d)) v, causal or masked, by SDPA: [s, b, heads, d], [s, b, groups, d] ->
+        [s, b, heads * d]; with kv_cache, this step's keys and values join the cached ones first."""
+        s, b = q.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))              # [b, heads, s, d]
         if kv_cache is not None:  # generation: this step's keys and values join the cached ones
             k, v = kv_cache.update(self.layer_number, k, v)                # [b, groups/tp, cache length, d]
-        if self.recompute_core and torch.is_grad_enabled():
-            # Selective recomputation: the [b, heads, s, s] intermediates are rebuilt in backward, not stored.
-            context = checkpoint(self._core_attention, q, k, v, attention_mask, dropout_ctx, use_reentrant=False)
-        else:
-            context = self._core_attention(q, k, v, attention_mask, dropout_ctx)
-        context = context.permute(2, 0, 1, 3).reshape(s, b, -1)           # [s, b, heads/tp * d]
-        return self.linear_proj(context)
-
-    def _core_attention(self, q, k, v, attention_mask, dropout_ctx):
-        """softmax(q k^T / sqrt(d)) v, causal or masked: [b, heads, s, d] -> [b, heads, s, d]."""
         if self.training and self.dropout_p > 0:
-            return self._attention_with_dropout(q, k, v, attention_mask, dropout_ctx)
-        mask = None if attention_mask is None else ~attention_mask       # Megatron's mask: True = masked
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attention_mask is None,
-                                              enable_gqa=True)
+            context = self._attention_with_dropout(q, k, v, attention_mask, dropout_ctx)
+        else:
+            mask = None if attention_mask is None else ~attention_mask   # Megatron's mask: True = masked
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attention_mask is None,
+                                                     enable_gqa=True)
+        return context.permute(2, 0, 1, 3).reshape(s, b, -1)             # [s, b, heads/tp * d]
 
     def _attention_with_dropout(self, q, k, v, attention_mask, ctx):
         # The explicit path, so the probabilities' dropout mask is the layout-invariant one of random.py.
