@@ -19,26 +19,46 @@ from megamoe.parallel.group import AxisGroup
 from megamoe.tensor_parallel.embedding import vocab_range
 
 
+# Rows of logits per pass: [32, V] in fp32 stays in cache between the softmax, its log-sum-exp and the gradient.
+ROWS_PER_CHUNK = 32
+
+
+def _slice_softmax(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax (fp32) of logits rows z [n, V_r] and their log-sum-exp [n]: lse = max z - log max softmax, which
+    needs no second exp pass and is exact where the softmax is largest."""
+    softmax = torch.softmax(z, dim=-1, dtype=torch.float32)
+    return softmax, z.amax(dim=-1).float() - softmax.amax(dim=-1).log()
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp_group, vocab_size):
         # logits: [s, b, V/tp] (this rank's vocabulary slice, any float dtype); target: [s, b] global ids.
         start, end = vocab_range(logits.shape[-1] * tp_group.size, tp_group)
         real = max(0, min(vocab_size, end) - start)  # this slice's entries that are real tokens
-        z = logits[..., :real]                       # padding left out (a view)
+        rows = logits.reshape(-1, logits.shape[-1])   # [s*b, V/tp]
+        target = target.reshape(-1)
         outside = (target < start) | (target >= end)
-        local_target = (target - start).masked_fill(outside, 0)
-        # One fused pass for the slice's softmax (fp32 out, whatever the logits' dtype) ...
-        softmax = torch.softmax(z, dim=-1, dtype=torch.float32) if real else z.new_empty(z.shape, dtype=torch.float32)
-        # ... and its log-sum-exp from the softmax at the slice's maximum: lse = max - log softmax[argmax].
-        if real:
-            top, where = z.max(dim=-1)
-            local_lse = top.float() - softmax.gather(-1, where.unsqueeze(-1)).squeeze(-1).log()
-        else:
-            local_lse = torch.full(target.shape, float("-inf"), device=logits.device)
-        target_logit = z.gather(-1, local_target.clamp_max(max(real - 1, 0)).unsqueeze(-1)).squeeze(-1).float() \
-            if real else torch.zeros(target.shape, device=logits.device)
-        target_logit = target_logit.masked_fill(outside, 0.0)
+        local_target = (target - start).masked_fill(outside, 0).clamp_max(max(real - 1, 0))
+        inside = (~outside).float()
+        chunks = [slice(i, i + ROWS_PER_CHUNK) for i in range(0, rows.shape[0], ROWS_PER_CHUNK)] if real else []
+        # The gradient softmax - onehot(target) is formed here, chunk by chunk while the chunk is in cache, and
+        # kept in the logits' dtype (rounded once, as autograd would round it for the output layer's matmul);
+        # backward only scales it. Padded vocabulary entries get no gradient.
+        grad = torch.empty_like(rows)
+        grad[:, real:] = 0
+        local_lse = torch.full(target.shape, float("-inf"), device=logits.device)
+
+        def write_grad(piece, softmax):
+            softmax.scatter_add_(-1, local_target[piece].unsqueeze(-1), -inside[piece].unsqueeze(-1))
+            grad[piece, :real] = softmax
+
+        for piece in chunks:
+            softmax, local_lse[piece] = _slice_softmax(rows[piece, :real])
+            if tp_group.size == 1:
+                write_grad(piece, softmax)
+        target_logit = (rows[:, :real].gather(-1, local_target.unsqueeze(-1)).squeeze(-1).float()
+                        .masked_fill(outside, 0.0) if real else torch.zeros(target.shape, device=logits.device))
         if tp_group.size > 1:
             # lse = log sum_r exp(lse_r): the max over ranks, then one all-reduce for both per-token sums.
             top_lse = local_lse.clone()
@@ -46,25 +66,26 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             sums = torch.stack([(local_lse - top_lse).exp(), target_logit])
             comm.all_reduce(sums, tp_group)
             lse, target_logit = top_lse + sums[0].log(), sums[1]
-            softmax.mul_((local_lse - lse).exp().unsqueeze(-1))  # this slice's share of the global softmax
+            share = (local_lse - lse).exp()           # this slice's share of the global softmax
+            for piece in chunks:                        # the slice's softmax again, now that lse is known
+                softmax, _ = _slice_softmax(rows[piece, :real])
+                write_grad(piece, softmax.mul_(share[piece].unsqueeze(-1)))
         else:
             lse = local_lse
-        ctx.dtype, ctx.width = logits.dtype, logits.shape[-1]
-        ctx.save_for_backward(softmax, local_target, outside)
-        return lse - target_logit
+        ctx.save_for_backward(grad)
+        ctx.shape = logits.shape
+        return (lse - target_logit).view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # softmax - onehot(target), scaled by the incoming gradient; the saved softmax is reused in place.
-        softmax, local_target, outside = ctx.saved_tensors
-        grad = softmax
-        if grad.shape[-1]:
-            onehot = (~outside).to(grad.dtype).unsqueeze(-1)
-            grad.scatter_add_(-1, local_target.clamp_max(grad.shape[-1] - 1).unsqueeze(-1), -onehot)
-        grad = grad.mul_(grad_loss.unsqueeze(-1)).to(ctx.dtype)
-        if grad.shape[-1] < ctx.width:  # padded vocabulary entries get no gradient
-            grad = torch.cat([grad, grad.new_zeros(grad.shape[:-1] + (ctx.width - grad.shape[-1],))], dim=-1)
-        return grad, None, None, None
+        # (softmax - onehot(target)) x the incoming gradient; the saved tensor is scaled in place, chunk by chunk:
+        # a bf16 x fp32 product over the whole tensor would go through a full-size fp32 temporary (10x slower).
+        grad, = ctx.saved_tensors
+        grad_loss = grad_loss.reshape(-1, 1)
+        for i in range(0, grad.shape[0], ROWS_PER_CHUNK):
+            piece = grad[i:i + ROWS_PER_CHUNK]
+            torch.mul(piece, grad_loss[i:i + ROWS_PER_CHUNK], out=piece)
+        return grad.view(ctx.shape), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group: AxisGroup,

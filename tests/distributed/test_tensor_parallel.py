@@ -55,12 +55,18 @@ def test_dropout_masks_are_layout_invariant(dist_run):
     assert not torch.allclose(per_rank[0]["loss"], run_model(kwargs, training=False)["loss"])
 
 
-def _cross_entropy_body(vocab, padded, seed):
-    group = AxisGroup.world()
+CE_SHAPE = (23, 3)  # 69 rows: three chunks of the loss's row-chunked passes, the last one partial
+
+
+def _ce_inputs(vocab, padded, seed, dtype):
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(5, 3, padded, generator=g) * 3
-    target = torch.randint(0, vocab, (5, 3), generator=g)
-    upstream = torch.rand(5, 3, generator=g)
+    logits = (torch.randn(*CE_SHAPE, padded, generator=g) * 3).to(dtype)
+    return logits, torch.randint(0, vocab, CE_SHAPE, generator=g), torch.rand(*CE_SHAPE, generator=g)
+
+
+def _cross_entropy_body(vocab, padded, seed, dtype):
+    group = AxisGroup.world()
+    logits, target, upstream = _ce_inputs(vocab, padded, seed, dtype)
     per = padded // group.size
     local = logits[..., group.index * per:(group.index + 1) * per].clone().requires_grad_()
     loss = vocab_parallel_cross_entropy(local, target, group, vocab_size=vocab)
@@ -68,20 +74,20 @@ def _cross_entropy_body(vocab, padded, seed):
     return loss.detach(), local.grad
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_vocab_parallel_cross_entropy_equals_torch(dist_run, tp):
+@pytest.mark.parametrize("tp,dtype", [(1, torch.float32), (2, torch.float32), (4, torch.float32),
+                                      (1, torch.bfloat16), (2, torch.bfloat16)])
+def test_vocab_parallel_cross_entropy_equals_torch(dist_run, tp, dtype):
     vocab, padded, seed = 11, 12, 3  # 11 real ids, padded to 12 so that tp = 4 splits evenly
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(5, 3, padded, generator=g) * 3).requires_grad_()
-    target = torch.randint(0, vocab, (5, 3), generator=g)
-    upstream = torch.rand(5, 3, generator=g)
+    logits, target, upstream = _ce_inputs(vocab, padded, seed, dtype)
+    logits = logits.double().requires_grad_()  # the reference: the same logit values, in float64
     expected = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab), target.reshape(-1), reduction="none")
-    (expected.view(5, 3) * upstream).sum().backward()
-    results = dist_run(tp, _cross_entropy_body, vocab, padded, seed)
+    (expected.view(CE_SHAPE) * upstream).sum().backward()
+    results = dist_run(tp, _cross_entropy_body, vocab, padded, seed, dtype)
     for loss, _ in results:
-        assert rel(loss, expected.detach().view(5, 3)) < 1e-6
+        assert loss.dtype == torch.float32 and rel(loss, expected.detach().view(CE_SHAPE)) < 1e-6
     grad = torch.cat([g for _, g in results], dim=-1)
-    assert rel(grad, logits.grad) < 1e-6
+    assert grad.dtype == dtype
+    assert rel(grad, logits.grad) < (1e-6 if dtype == torch.float32 else 4e-3)  # bf16: one rounding
     assert torch.all(grad[..., vocab:] == 0)
 
 
