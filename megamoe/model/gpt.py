@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from megamoe.model.block_attention import block_causal_attention
 from megamoe.model.config import BLOCK_ATTENTION_MAX_SEQ, ModelConfig
 from megamoe.model.mlp import MLP
+from megamoe.model.rms_norm import rms_norm
 from megamoe.moe.layer import MoELayer
 from megamoe.parallel.group import AxisGroup
 from megamoe.parallel.mesh import ParallelMesh
@@ -56,7 +57,7 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "RMSNorm":
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
