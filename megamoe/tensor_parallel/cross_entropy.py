@@ -19,8 +19,13 @@ from megamoe.parallel.group import AxisGroup
 from megamoe.tensor_parallel.embedding import vocab_range
 
 
-# Rows of logits per pass: [32, V] in fp32 stays in cache between the softmax, its log-sum-exp and the gradient.
+# Rows of logits per pass on CPU: [32, V] in fp32 stays in cache between the softmax, its log-sum-exp and the
+# gradient. On GPUs one pass over all rows (their kernels cast on the fly, and each chunk would cost launches).
 ROWS_PER_CHUNK = 32
+
+
+def _chunk_rows(rows: torch.Tensor) -> int:
+    return ROWS_PER_CHUNK if rows.device.type == "cpu" else max(rows.shape[0], 1)
 
 
 def _slice_softmax(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +46,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         outside = (target < start) | (target >= end)
         local_target = (target - start).masked_fill(outside, 0).clamp_max(max(real - 1, 0))
         inside = (~outside).float()
-        chunks = [slice(i, i + ROWS_PER_CHUNK) for i in range(0, rows.shape[0], ROWS_PER_CHUNK)] if real else []
+        step = _chunk_rows(rows)
+        chunks = [slice(i, i + step) for i in range(0, rows.shape[0], step)] if real else []
         # The gradient softmax - onehot(target) is formed here, chunk by chunk while the chunk is in cache, and
         # kept in the logits' dtype (rounded once, as autograd would round it for the output layer's matmul);
         # backward only scales it. Padded vocabulary entries get no gradient.
@@ -81,10 +87,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # (softmax - onehot(target)) x the incoming gradient; the saved tensor is scaled in place, chunk by chunk:
         # a bf16 x fp32 product over the whole tensor would go through a full-size fp32 temporary (10x slower).
         grad, = ctx.saved_tensors
-        grad_loss = grad_loss.reshape(-1, 1)
-        for i in range(0, grad.shape[0], ROWS_PER_CHUNK):
-            piece = grad[i:i + ROWS_PER_CHUNK]
-            torch.mul(piece, grad_loss[i:i + ROWS_PER_CHUNK], out=piece)
+        grad_loss, step = grad_loss.reshape(-1, 1), _chunk_rows(grad)
+        for i in range(0, grad.shape[0], step):
+            piece = grad[i:i + step]
+            torch.mul(piece, grad_loss[i:i + step], out=piece)
         return grad.view(ctx.shape), None, None, None
 
 
