@@ -2,7 +2,7 @@
 optimizer of pretrain_gpt.py, with its mixed precision) against Hugging Face transformers' MixtralForCausalLM on
 the same model, batch and CPU threads.
 
-    python bench/train_throughput.py --preset small [--fp32] [--compare-hf] [--steps 5] [--warmup 2]
+    python bench/train_throughput.py --preset small [--fp32] [--compare-hf] [--torch-compile] [--steps 5] [--warmup 2]
 
 Prints tokens/s, model GFLOP/s (Megatron's FLOPs formula), the fraction of the bf16 (or fp32) matmul peak
 measured in the same run, and the peak RSS; with --compare-hf, transformers' figures for the same configuration
@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compare-hf", action="store_true")
     parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="megamoe with --torch-compile (the warm-up steps include the compilation)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator as it is (by default both frameworks run with "
                              "megamoe.training.allocator.keep_freed_memory(), as pretrain_gpt.py does on CPU)")
@@ -146,7 +148,8 @@ def main() -> None:
     recompute = {} if args.recompute == "none" else (
         dict(recompute_granularity="selective") if args.recompute == "selective" else
         dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1))
-    config = model_config(args.preset, args.seq_length, args.vocab_size, args.num_experts, args.topk, **recompute)
+    config = model_config(args.preset, args.seq_length, args.vocab_size, args.num_experts, args.topk,
+                          torch_compile=args.torch_compile, **recompute)
     peak = measure_peak(dtype)
     print(f"preset {args.preset}, {'bf16' if bf16 else 'fp32'}, seq {args.seq_length}, micro batch "
           f"{args.micro_batch_size}, threads {torch.get_num_threads()}, measured {dtype} matmul peak "

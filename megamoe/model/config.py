@@ -49,6 +49,9 @@ class ModelConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     attention_backend: str = "auto"
+    # torch.compile the elementwise chains (SwiGLU, RMSNorm, RoPE; model/fused.py); a run-time choice like the
+    # attention backend: same formulas, fused.
+    torch_compile: bool = False
     moe: MoEConfig | None = None
     # Activation recomputation (Megatron's --recompute-*): trades a second forward in backward for memory. It
     # changes no value: dropout masks are hashed from element identities and routing statistics are counted once.
@@ -192,6 +195,9 @@ class ModelConfig:
                        help="flash/fused: torch's scaled_dot_product_attention; unfused/local: block-causal "
                             "attention that skips the masked triangle and keeps the probabilities for backward; "
                             f"auto: block-causal on CPU for sequences up to {BLOCK_ATTENTION_MAX_SEQ}, else SDPA")
+        g.add_argument("--torch-compile", action="store_true",
+                       help="fuse the elementwise chains (SwiGLU, RMSNorm, RoPE) with torch.compile; compiling takes "
+                            "seconds to a minute at start-up")
         g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                        help="full: recompute whole layers (with --recompute-method/--recompute-num-layers); "
                             "selective: recompute the core attention only")
@@ -219,7 +225,8 @@ class ModelConfig:
                    rotary_percent=args.rotary_percent, swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear,
                    untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
                    init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
-                   attention_dropout=args.attention_dropout, attention_backend=args.attention_backend, moe=moe,
+                   attention_dropout=args.attention_dropout, attention_backend=args.attention_backend,
+                   torch_compile=args.torch_compile, moe=moe,
                    recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
                    recompute_num_layers=args.recompute_num_layers)
 

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megamoe.model.block_attention import block_causal_attention
 from megamoe.model.config import BLOCK_ATTENTION_MAX_SEQ, ModelConfig
+from megamoe.model.fused import compiled, rms_norm_formula
 from megamoe.model.mlp import MLP
 from megamoe.model.rms_norm import rms_norm
 from megamoe.moe.layer import MoELayer
@@ -54,10 +55,12 @@ class Norm(nn.Module):
         self.weight = new_param(ParamSpec((h,), init="ones", sequence_parallel=sequence_parallel), device, dtype)
         self.bias = (new_param(ParamSpec((h,), init="zeros", sequence_parallel=sequence_parallel), device, dtype)
                      if self.kind == "LayerNorm" else None)
+        # RMSNorm: the compiled formula with --torch-compile, else the row-chunked op (F.rms_norm off CPU).
+        self.rms_norm = compiled(rms_norm_formula, True) if config.torch_compile else rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "RMSNorm":
-            return rms_norm(x, self.weight, self.eps)
+            return self.rms_norm(x, self.weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
@@ -110,6 +113,7 @@ class SelfAttention(nn.Module):
         self.layer_number, self.kv_channels, self.dropout_p = layer_number, c.kv_channels, c.attention_dropout
         self.recompute_core = c.recompute_granularity == "selective"
         self.backend = c.attention_backend
+        self.apply_rotary = compiled(apply_rotary, c.torch_compile)
         self.groups_local = c.num_query_groups // tp
         self.queries_per_group = c.num_attention_heads // c.num_query_groups
         self.head_offset = tp_group.index * c.num_attention_heads // tp
@@ -130,7 +134,7 @@ class SelfAttention(nn.Module):
         q = qkv[:, :, :, :self.queries_per_group].reshape(s, b, -1, self.kv_channels)  # [s, b, heads/tp, d]
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]                          # [s, b, groups/tp, d]
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            q, k = self.apply_rotary(q, *rotary), self.apply_rotary(k, *rotary)
         blockwise = attention_mask is None and kv_cache is None and self._use_block_attention(q)
         core = self._block_attention if blockwise else self._core_attention
         if self.recompute_core and torch.is_grad_enabled():

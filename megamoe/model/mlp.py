@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.config import ModelConfig
+from megamoe.model.fused import compiled, swiglu
 from megamoe.parallel.group import AxisGroup
 from megamoe.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -29,13 +30,8 @@ class MLP(nn.Module):
                                             sequence_parallel=sequence_parallel, bias=c.add_bias_linear,
                                             std=c.init_method_std / math.sqrt(2 * c.num_layers),
                                             device=device, dtype=dtype)
+        self.activation = compiled(swiglu, c.torch_compile) if self.swiglu else F.gelu
 
     def forward(self, x: torch.Tensor, dropout_ctx=None) -> torch.Tensor:
         """x: [s(/tp), b, h] -> same; dropout_ctx is unused (the MLP slot's signature, shared with MoE layers)."""
-        h = self.linear_fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.linear_fc2(h)
+        return self.linear_fc2(self.activation(self.linear_fc1(x)))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.config import ModelConfig
+from megamoe.model.fused import compiled, swiglu
 from megamoe.parallel.group import AxisGroup
 from megamoe.tensor_parallel.params import ParamSpec, new_param
 
@@ -107,16 +108,12 @@ class GroupedExperts(nn.Module):
         self.linear_fc2 = _Weight(new_param(ParamSpec(
             (moe.num_experts, h, ffn), shard_dim=2, std=config.init_method_std / math.sqrt(2 * config.num_layers),
             **etp), device, dtype))
+        self.activation = compiled(swiglu, config.torch_compile) if self.swiglu else F.gelu
         self.backend = choose_backend(moe.grouped_gemm, torch.device(device or "cpu"),
                                       (h, ffn // etp_group.size), dtype or torch.float32)
 
     def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows: [M, h] sorted by local expert, counts[e] rows for expert e -> [M, h] (partial over etp)."""
         offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
-        h = grouped_linear(rows, self.linear_fc1.weight, counts, offsets, self.backend)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
+        h = self.activation(grouped_linear(rows, self.linear_fc1.weight, counts, offsets, self.backend))
         return grouped_linear(h, self.linear_fc2.weight, counts, offsets, self.backend)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megamoe.model.fused import rms_norm_formula
 from megamoe.model.rms_norm import ROWS_PER_CHUNK, rms_norm
 from tests.model_cases import rel
 
@@ -11,8 +12,9 @@ def reference(x, w, eps):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
+@pytest.mark.parametrize("op", [rms_norm, rms_norm_formula])  # the CPU op, and the formula --torch-compile fuses
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 6e-3)])
-def test_values_and_gradients_equal_float64_formula(dtype, tol):
+def test_values_and_gradients_equal_float64_formula(op, dtype, tol):
     torch.manual_seed(0)
     rows = 2 * ROWS_PER_CHUNK + 37  # a partial last chunk
     x = torch.randn(rows, 3, 48, dtype=torch.float64) * 4
@@ -23,7 +25,7 @@ def test_values_and_gradients_equal_float64_formula(dtype, tol):
 
     got_x, got_w = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
     kept_x, kept_grad = got_x.detach().clone(), grad.to(dtype)
-    out = rms_norm(got_x, got_w, 1e-5)
+    out = op(got_x, got_w, 1e-5)
     out.backward(kept_grad.clone())
     assert out.dtype == got_x.grad.dtype == got_w.grad.dtype == dtype
     assert rel(out, expected) < tol

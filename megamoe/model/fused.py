@@ -1,0 +1,32 @@
+"""The elementwise chains of a layer, as plain functions that --torch-compile hands to torch.compile.
+
+Eager PyTorch runs each of these as several whole-tensor passes (with dtype casts in bf16); inductor fuses each
+into one loop, computing in fp32 and rounding once. Without the flag the same functions run eagerly (RMSNorm then
+uses the row-chunked op of rms_norm.py on CPU), so the compiled and eager paths compute the same formulas and the
+tests compare them. Shapes are dynamic: the experts' row counts change every step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def compiled(fn: Callable, enabled: bool) -> Callable:
+    """fn compiled by torch.compile (inductor, dynamic shapes) when enabled, else fn itself."""
+    return torch.compile(fn, dynamic=True) if enabled else fn
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for h = [gate | up] along the last dim: [..., 2f] -> [..., f]."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rms_norm_formula(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, in fp32 (or wider), rounded once to x's dtype."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(compute)).to(x.dtype)
