@@ -2,9 +2,11 @@
 
 With z the logits of one token, t its target and rank r holding z[V_r] (its vocabulary slice):
     loss = log sum_v exp(z_v - m) - (z_t - m),      m = max_v z_v
-Each rank computes its slice's softmax and log-sum-exp (one fused pass) and z_t if it owns t; two all-reduces
-of per-token numbers (the largest slice log-sum-exp, then the sums) give the loss. The gradient is
-softmax(z) - onehot(t), restricted to each rank's slice, so the full [tokens, V] logits never exist on one rank.
+Each rank computes its slice's softmax and log-sum-exp and z_t if it owns t; two all-reduces of per-token numbers
+(the largest slice log-sum-exp, then the sums) give the loss. The gradient is softmax(z) - onehot(t), restricted
+to each rank's slice, so the full [tokens, V] logits never exist on one rank. It is formed in the forward, on CPU
+32 rows at a time while they are in cache, and kept in the logits' dtype; backward scales it by the incoming
+gradient. (Under tp the slice's softmax is computed a second time, once the global log-sum-exp is known.)
 
 Logits of padded vocabulary entries (ids >= vocab_size, which exist because the vocabulary is padded to a multiple
 of 128 x tp) are excluded from the softmax: the loss is then the same for every tp, and padded rows get no gradient.
