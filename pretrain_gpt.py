@@ -3,11 +3,13 @@
 
 import sys
 
+from megamoe.parallel.world import exit_process
 from megamoe.training.loop import pretrain
 
 if __name__ == "__main__":
     try:
-        sys.exit(pretrain())
+        code = pretrain()
     except (ValueError, FileNotFoundError) as err:  # bad input: the same message on every rank, before any collective
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    exit_process(code)

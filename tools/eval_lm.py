@@ -23,6 +23,7 @@ from megamoe.inference.evaluation import TextWindows, evaluate  # noqa: E402
 from megamoe.inference.profiling import maybe_profile  # noqa: E402
 from megamoe.inference.setup import load_model  # noqa: E402
 from megamoe.parallel import comm  # noqa: E402
+from megamoe.parallel.world import exit_process  # noqa: E402
 from megamoe.training.config import build_parser  # noqa: E402
 from megamoe.training.profiling import ProfileConfig  # noqa: E402
 
@@ -92,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megamoe.inference.generation import SamplingConfig, generate  # noqa: E402
 from megamoe.inference.profiling import maybe_profile  # noqa: E402
 from megamoe.inference.setup import load_model  # noqa: E402
+from megamoe.parallel.world import exit_process  # noqa: E402
 from megamoe.training.config import build_parser  # noqa: E402
 from megamoe.training.profiling import ProfileConfig  # noqa: E402
 
@@ -97,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

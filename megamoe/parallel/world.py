@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -39,6 +40,19 @@ def first_host(nodelist: str) -> str:
     if not ranges:
         return prefix
     return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def exit_process(code: int) -> None:
+    """End a job's process with `code`, skipping the interpreter's finalization.
+
+    Gloo's worker threads destroy finished collectives' work objects on their own time. One that drops the last
+    reference to a Python tensor while the interpreter finalizes takes the GIL from a dying interpreter, and the
+    process aborts ("terminate called without an active exception"; a core dump showed AsyncBarrierWork's
+    destructor in ProcessGroupGloo::runLoop, the case of pytorch/pytorch#179291). By the time a job's main returns,
+    it has closed what it writes, so nothing is left for finalization to do."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def free_port() -> int:

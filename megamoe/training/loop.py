@@ -163,8 +163,7 @@ def pretrain(argv: list[str] | None = None) -> int:
         run.profiler.close()
         run.writer.close()
     if created_world:
-        # Every rank done with the groups before any tears them down: rank 0 hosts the rendezvous store, and a
-        # rank still talking to it while rank 0 exits was seen to abort at exit ("terminate called ...").
+        # Every rank done with the groups before any tears them down (rank 0 also hosts the rendezvous store).
         comm.barrier(mesh.world)
         dist.destroy_process_group()
     return 0
