@@ -50,14 +50,15 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     found = find_checkpoint(CheckpointConfig(load=args.load, ckpt_step=args.ckpt_step))
     if found is None:
         raise FileNotFoundError(f"--load {args.load} holds no checkpoint")
-    if args.num_layers is None:  # the checkpoint's model, with this run's sequence length and capacity flags
+    if args.num_layers is None:  # the checkpoint's model, with this run's sequence length, capacity and kernels
         saved = model_config_from_dict(found.common["model"])
         moe = saved.moe and dataclasses.replace(
             saved.moe, eval_capacity_factor=args.moe_eval_capacity_factor,
             eval_capacity_token_fraction=args.moe_eval_capacity_token_fraction,
             token_dispatcher_type=args.moe_token_dispatcher_type, grouped_gemm=args.moe_grouped_gemm)
         model = dataclasses.replace(saved, seq_length=args.seq_length or saved.seq_length, moe=moe,
-                                    hidden_dropout=0.0, attention_dropout=0.0)
+                                    hidden_dropout=0.0, attention_dropout=0.0,
+                                    attention_backend=args.attention_backend, torch_compile=args.torch_compile)
     else:
         model = ModelConfig.from_args(args, tokenizer.vocab_size, MoEConfig.from_args(args))
     if tokenizer.vocab_size != model.vocab_size:
