@@ -32,6 +32,7 @@ def test_megatron_defaults():
     (dict(hidden_dropout=1.0), "--hidden-dropout must be in [0, 1)"),
     (dict(num_layers=0), "--num-layers must be >= 1"),
     (dict(moe=MoEConfig(num_experts=4)), "MoE models need --disable-bias-linear"),
+    (dict(attention_backend="triton"), "--attention-backend must be one of"),
 ])
 def test_invalid_models(kwargs, needle):
     with pytest.raises(ValueError) as info:
@@ -68,3 +69,16 @@ def test_moe_layer_pattern():
             for i in range(4)] == [False, True, True, True]
     with pytest.raises(ValueError, match="--moe-router-topk=3 must be between 1 and --num-experts=2"):
         MoEConfig(num_experts=2, router_topk=3)
+
+
+def test_kernel_flags_reach_the_config():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ModelConfig.add_arguments(parser)
+    base = "--num-layers 2 --hidden-size 64 --num-attention-heads 8 --seq-length 16".split()
+    default = ModelConfig.from_args(parser.parse_args(base), 1000, None)
+    assert (default.attention_backend, default.torch_compile) == ("auto", False)
+    chosen = ModelConfig.from_args(parser.parse_args(base + ["--attention-backend", "unfused", "--torch-compile"]),
+                                   1000, None)
+    assert (chosen.attention_backend, chosen.torch_compile) == ("unfused", True)
