@@ -19,6 +19,11 @@ def compiled(fn: Callable, enabled: bool) -> Callable:
     return torch.compile(fn, dynamic=True) if enabled else fn
 
 
+def mlp_activation(swiglu_gated: bool, enabled: bool) -> Callable:
+    """The MLPs' and experts' activation: SwiGLU (compiled when enabled) or GELU."""
+    return compiled(swiglu, enabled) if swiglu_gated else F.gelu
+
+
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for h = [gate | up] along the last dim: [..., 2f] -> [..., f]."""
     gate, up = h.chunk(2, dim=-1)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.config import ModelConfig
-from megamoe.model.fused import compiled, swiglu
+from megamoe.model.fused import mlp_activation
 from megamoe.parallel.group import AxisGroup
 from megamoe.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -30,7 +29,7 @@ class MLP(nn.Module):
                                             sequence_parallel=sequence_parallel, bias=c.add_bias_linear,
                                             std=c.init_method_std / math.sqrt(2 * c.num_layers),
                                             device=device, dtype=dtype)
-        self.activation = compiled(swiglu, c.torch_compile) if self.swiglu else F.gelu
+        self.activation = mlp_activation(self.swiglu, c.torch_compile)
 
     def forward(self, x: torch.Tensor, dropout_ctx=None) -> torch.Tensor:
         """x: [s(/tp), b, h] -> same; dropout_ctx is unused (the MLP slot's signature, shared with MoE layers)."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.config import ModelConfig
-from megamoe.model.fused import compiled, swiglu
+from megamoe.model.fused import mlp_activation
 from megamoe.parallel.group import AxisGroup
 from megamoe.tensor_parallel.params import ParamSpec, new_param
 
@@ -108,7 +108,7 @@ class GroupedExperts(nn.Module):
         self.linear_fc2 = _Weight(new_param(ParamSpec(
             (moe.num_experts, h, ffn), shard_dim=2, std=config.init_method_std / math.sqrt(2 * config.num_layers),
             **etp), device, dtype))
-        self.activation = compiled(swiglu, config.torch_compile) if self.swiglu else F.gelu
+        self.activation = mlp_activation(self.swiglu, config.torch_compile)
         self.backend = choose_backend(moe.grouped_gemm, torch.device(device or "cpu"),
                                       (h, ffn // etp_group.size), dtype or torch.float32)
 

@@ -32,6 +32,13 @@ def test_tensor_parallel_equals_single_process(dist_run, variant, tp, sp):
     check_against_single_process(VARIANTS[variant], dist_run(tp, _tp_body, VARIANTS[variant], sp))
 
 
+def test_tensor_parallel_long_sequence_compiled(dist_run):
+    # 80 positions: two blocks of the block-causal attention, each tp rank with its own query groups; and the
+    # --torch-compile kernels (SwiGLU, RMSNorm, RoPE) on sequence shards. Against one process, in training mode.
+    kwargs = dict(VARIANTS["mixtral"], seq_length=80, torch_compile=True)
+    check_against_single_process(kwargs, dist_run(2, _tp_body, kwargs, True, True), training=True)
+
+
 FULL_AXES = dict(num_query_groups=(1, 2, 8), untie_embeddings_and_output_weights=(False, True),
                  position_embedding_type=("rope", "learned_absolute"), normalization=("RMSNorm", "LayerNorm"),
                  swiglu=(False, True))

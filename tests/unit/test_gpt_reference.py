@@ -37,7 +37,7 @@ def rotate(v, pos, rotary_dim, base):
 
 def reference(cfg, P, ids, labels):
     b, s = ids.shape
-    h, d, nq, ng = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups
+    d, nq, ng = cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups
     qpg = nq // ng
     x = P["embedding.word_embeddings.weight"][ids]                       # [b, s, h]
     if cfg.position_embedding_type == "learned_absolute":
