@@ -7,7 +7,9 @@ import torch
 
 from megamoe.moe.capacity import apply_capacity
 from megamoe.moe.config import MoEConfig
-from megamoe.moe.experts import available_backends, grouped_linear
+from megamoe.model.config import ModelConfig
+from megamoe.moe import experts as experts_module
+from megamoe.moe.experts import GroupedExperts, available_backends, grouped_linear, padded_layout
 from megamoe.moe.losses import attach_aux_loss, sequence_aux_loss, switch_aux_loss, z_loss
 from megamoe.moe.metrics import routing_metrics
 from megamoe.moe.permute import expert_order, permute, unpermute
@@ -152,6 +154,53 @@ def test_grouped_backends_equal_the_loop(backend, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(*results):
         assert ((a - b).norm() / b.norm()).item() < tol
+
+
+def test_padded_layout_by_hand():
+    counts, rows = padded_layout([3, 0, 33, 32], 32)
+    assert counts == [32, 0, 64, 32]
+    assert rows.tolist() == [0, 1, 2] + list(range(32, 65)) + list(range(96, 128))
+    assert padded_layout([32, 0, 64], 32) == ([32, 0, 64], None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_pad_bf16_blocks_on_cpu_and_equal_a_direct_computation(dtype, monkeypatch):
+    """bf16 on CPU: every expert GEMM sees a multiple of 32 rows; outputs and gradients are those of a float64
+    SwiGLU per expert (the zero rows change nothing)."""
+    config = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=16, num_attention_heads=4, vocab_size=64,
+                         swiglu=True, add_bias_linear=False,
+                         moe=MoEConfig(num_experts=4, router_topk=1, grouped_gemm=True))
+    experts = GroupedExperts(config, AxisGroup("ep", (0,), 0), AxisGroup("etp", (0,), 0), dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    for p in experts.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    seen = []
+    record = experts_module.grouped_linear
+
+    def recording(x, weight, counts, offsets, backend):
+        seen.append(list(counts))
+        return record(x, weight, counts, offsets, backend)
+
+    monkeypatch.setattr(experts_module, "grouped_linear", recording)
+    counts = [3, 0, 37, 32]
+    x = torch.randn(72, 32, generator=g).to(dtype).requires_grad_()
+    upstream = torch.randn(72, 32, generator=g)
+    y = experts(x, counts)
+    (y.float() * upstream).sum().backward()
+    assert seen == ([[32, 0, 64, 32]] * 2 if dtype == torch.bfloat16 else [counts] * 2)
+
+    w1, w2 = (p.detach().double().requires_grad_() for p in (experts.linear_fc1.weight, experts.linear_fc2.weight))
+    x64 = x.detach().double().requires_grad_()
+    outs = []
+    for e, block in enumerate(x64.split(counts)):
+        gate, up = (block @ w1[e].t()).chunk(2, dim=-1)
+        outs.append((torch.nn.functional.silu(gate) * up) @ w2[e].t())
+    expected = torch.cat(outs)
+    (expected * upstream.double()).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in ((y, expected), (x.grad, x64.grad), (experts.linear_fc1.weight.grad, w1.grad),
+                      (experts.linear_fc2.weight.grad, w2.grad)):
+        assert ((got.double() - want).norm() / want.norm()).item() < tol
 
 
 def test_metrics_by_direct_computation():
