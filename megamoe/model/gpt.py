@@ -369,4 +369,5 @@ class GPTModel(nn.Module):
         logits = self.output_layer(x, weight=weight)                      # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1)
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, c.vocab_size).t()
+        # The logits are this function's own: the loss may overwrite them with their gradient.
+        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, c.vocab_size, in_place=True).t()

@@ -39,7 +39,7 @@ def _slice_softmax(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, tp_group, vocab_size):
+    def forward(ctx, logits, target, tp_group, vocab_size, in_place):
         # logits: [s, b, V/tp] (this rank's vocabulary slice, any float dtype); target: [s, b] global ids.
         start, end = vocab_range(logits.shape[-1] * tp_group.size, tp_group)
         real = max(0, min(vocab_size, end) - start)  # this slice's entries that are real tokens
@@ -48,12 +48,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         outside = (target < start) | (target >= end)
         local_target = (target - start).masked_fill(outside, 0).clamp_max(max(real - 1, 0))
         inside = (~outside).float()
+        target_logit = (rows[:, :real].gather(-1, local_target.unsqueeze(-1)).squeeze(-1).float()
+                        .masked_fill(outside, 0.0) if real else torch.zeros(target.shape, device=logits.device))
         step = _chunk_rows(rows)
         chunks = [slice(i, i + step) for i in range(0, rows.shape[0], step)] if real else []
         # The gradient softmax - onehot(target) is formed here, chunk by chunk while the chunk is in cache, and
         # kept in the logits' dtype (rounded once, as autograd would round it for the output layer's matmul);
-        # backward only scales it. Padded vocabulary entries get no gradient.
-        grad = torch.empty_like(rows)
+        # backward only scales it. Padded vocabulary entries get no gradient. In place, each chunk's gradient
+        # overwrites its logits once they are read: no second [tokens, V/tp] tensor.
+        in_place = in_place and logits.is_contiguous()  # rows is then a view of the logits
+        grad = rows if in_place else torch.empty_like(rows)
         grad[:, real:] = 0
         local_lse = torch.full(target.shape, float("-inf"), device=logits.device)
 
@@ -65,8 +69,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             softmax, local_lse[piece] = _slice_softmax(rows[piece, :real])
             if tp_group.size == 1:
                 write_grad(piece, softmax)
-        target_logit = (rows[:, :real].gather(-1, local_target.unsqueeze(-1)).squeeze(-1).float()
-                        .masked_fill(outside, 0.0) if real else torch.zeros(target.shape, device=logits.device))
         if tp_group.size > 1:
             # lse = log sum_r exp(lse_r): the max over ranks, then one all-reduce for both per-token sums.
             top_lse = local_lse.clone()
@@ -80,7 +82,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 write_grad(piece, softmax.mul_(share[piece].unsqueeze(-1)))
         else:
             lse = local_lse
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(logits if in_place else grad)  # autograd keeps a tensor of its own, not a view
         ctx.shape = logits.shape
         return (lse - target_logit).view(logits.shape[:-1])
 
@@ -88,19 +90,22 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         # (softmax - onehot(target)) x the incoming gradient; the saved tensor is scaled in place, chunk by chunk:
         # a bf16 x fp32 product over the whole tensor would go through a full-size fp32 temporary (10x slower).
-        grad, = ctx.saved_tensors
+        grad = ctx.saved_tensors[0].view(-1, ctx.shape[-1])
         grad_loss, step = grad_loss.reshape(-1, 1), _chunk_rows(grad)
         for i in range(0, grad.shape[0], step):
             piece = grad[i:i + step]
             torch.mul(piece, grad_loss[i:i + step], out=piece)
-        return grad.view(ctx.shape), None, None, None
+        return grad.view(ctx.shape), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group: AxisGroup,
-                                 vocab_size: int | None = None) -> torch.Tensor:
+                                 vocab_size: int | None = None, in_place: bool = False) -> torch.Tensor:
     """Per-token loss [s, b] (fp32) from vocab-split logits [s, b, V/tp] and global target ids [s, b].
 
     vocab_size: the real vocabulary; logits of ids >= vocab_size (padding) are left out. Default: no padding.
+    in_place: the logits' memory holds the gradient afterwards (their values are gone), as in Megatron-Core; for a
+        caller that owns the logits and needs nothing else from them. Saves a [s, b, V/tp] tensor.
     """
     padded = logits.shape[-1] * tp_group.size
-    return _VocabParallelCrossEntropy.apply(logits, target, tp_group, padded if vocab_size is None else vocab_size)
+    return _VocabParallelCrossEntropy.apply(logits, target, tp_group, padded if vocab_size is None else vocab_size,
+                                            in_place)

@@ -71,25 +71,28 @@ def _ce_inputs(vocab, padded, seed, dtype):
     return logits, torch.randint(0, vocab, CE_SHAPE, generator=g), torch.rand(*CE_SHAPE, generator=g)
 
 
-def _cross_entropy_body(vocab, padded, seed, dtype):
+def _cross_entropy_body(vocab, padded, seed, dtype, in_place):
     group = AxisGroup.world()
     logits, target, upstream = _ce_inputs(vocab, padded, seed, dtype)
     per = padded // group.size
     local = logits[..., group.index * per:(group.index + 1) * per].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(local, target, group, vocab_size=vocab)
+    # In place, the loss overwrites its input: give it a copy (an intermediate, as the model's logits are).
+    loss = vocab_parallel_cross_entropy(local * 1 if in_place else local, target, group, vocab_size=vocab,
+                                        in_place=in_place)
     (loss * upstream).sum().backward()
     return loss.detach(), local.grad
 
 
-@pytest.mark.parametrize("tp,dtype", [(1, torch.float32), (2, torch.float32), (4, torch.float32),
-                                      (1, torch.bfloat16), (2, torch.bfloat16)])
-def test_vocab_parallel_cross_entropy_equals_torch(dist_run, tp, dtype):
+@pytest.mark.parametrize("tp,dtype,in_place", [(1, torch.float32, False), (2, torch.float32, False),
+                                               (4, torch.float32, True), (1, torch.bfloat16, True),
+                                               (2, torch.bfloat16, False), (2, torch.bfloat16, True)])
+def test_vocab_parallel_cross_entropy_equals_torch(dist_run, tp, dtype, in_place):
     vocab, padded, seed = 11, 12, 3  # 11 real ids, padded to 12 so that tp = 4 splits evenly
     logits, target, upstream = _ce_inputs(vocab, padded, seed, dtype)
     logits = logits.double().requires_grad_()  # the reference: the same logit values, in float64
     expected = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab), target.reshape(-1), reduction="none")
     (expected.view(CE_SHAPE) * upstream).sum().backward()
-    results = dist_run(tp, _cross_entropy_body, vocab, padded, seed, dtype)
+    results = dist_run(tp, _cross_entropy_body, vocab, padded, seed, dtype, in_place)
     for loss, _ in results:
         assert loss.dtype == torch.float32 and rel(loss, expected.detach().view(CE_SHAPE)) < 1e-6
     grad = torch.cat([g for _, g in results], dim=-1)
