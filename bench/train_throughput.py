@@ -5,13 +5,19 @@ the same model, batch and CPU threads.
     python bench/train_throughput.py --preset small [--fp32] [--compare-hf] [--torch-compile] [--steps 5] [--warmup 2]
 
 Prints tokens/s, model GFLOP/s (Megatron's FLOPs formula), the fraction of the bf16 (or fp32) matmul peak
-measured in the same run, and the peak RSS; with --compare-hf, transformers' figures for the same configuration
-timed alternately with megamoe's in this process, and the ratio. Figures are medians over the timed steps.
+measured in the same run, and each framework's peak RSS; with --compare-hf, transformers' figures for the same
+configuration and the ratio. Figures are medians over the timed steps.
+
+Each framework runs in a worker process of its own, started by this one, and the steps alternate between them
+(megamoe, transformers, megamoe, ...), so both see the same minutes of this shared machine; the ratio printed is
+the median of the rounds' ratios. Separate processes keep each framework's allocator as it runs (--malloc) and
+keep oneDNN's compiled-kernel cache, which transformers' expert GEMMs churn every step, out of megamoe's process.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import statistics
@@ -107,17 +113,64 @@ class HFStep:
         return loss.item()
 
 
-def time_steps(steps: dict, warmup: int, timed: int) -> dict[str, list[float]]:
-    """Run each step function `warmup` times, then `timed` rounds alternating between them."""
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in steps}
-    for _ in range(timed):
-        for name, fn in steps.items():
+MALLOC = {
+    # how each framework runs by default: megamoe as pretrain_gpt.py sets it up, transformers as it comes
+    "as-run": {"megamoe": True, "hf": False},
+    "default": {"megamoe": False, "hf": False},   # glibc's defaults for both
+    "tuned": {"megamoe": True, "hf": True},       # megamoe's keep_freed_memory() for both
+}
+
+
+def _worker(conn, name: str, config: ModelConfig, bf16: bool, micro_batch: int, tuned_malloc: bool) -> None:
+    """One framework's step in a process of its own: builds it, then answers the parent's requests."""
+    if tuned_malloc:
+        keep_freed_memory()
+    step = (MegamoeStep if name == "megamoe" else HFStep)(config, bf16, micro_batch)
+    conn.send(tuned_malloc)
+    while True:
+        request, argument = conn.recv()
+        if request == "step":
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            step()
+            conn.send(time.perf_counter() - start)
+        elif request == "profile":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                step()
+            conn.send(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=argument))
+        elif request == "rss":
+            conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10)
+        else:
+            return
+
+
+class Worker:
+    """The parent's handle on a _worker process."""
+
+    def __init__(self, name: str, *args) -> None:
+        self.conn, child = multiprocessing.get_context("spawn").Pipe()
+        self.process = multiprocessing.get_context("spawn").Process(target=_worker, args=(child, name, *args),
+                                                                    daemon=True)
+        self.process.start()
+        self.tuned_malloc = self.conn.recv()
+
+    def ask(self, request: str, argument=None):
+        self.conn.send((request, argument))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(("stop", None))
+        self.process.join()
+
+
+def time_steps(workers: dict[str, Worker], warmup: int, timed: int) -> dict[str, list[float]]:
+    """Each worker runs `warmup` steps, then `timed` rounds of one step each, alternating between workers."""
+    for worker in workers.values():
+        for _ in range(warmup):
+            worker.ask("step")
+    times = {name: [] for name in workers}
+    for _ in range(timed):
+        for name, worker in workers.items():
+            times[name].append(worker.ask("step"))
     return times
 
 
@@ -136,14 +189,15 @@ def main() -> None:
     parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     parser.add_argument("--torch-compile", action="store_true",
                         help="megamoe with --torch-compile (the warm-up steps include the compilation)")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's allocator as it is (by default both frameworks run with "
-                             "megamoe.training.allocator.keep_freed_memory(), as pretrain_gpt.py does on CPU)")
+    parser.add_argument("--malloc", choices=sorted(MALLOC), default="as-run",
+                        help="as-run (default): megamoe keeps freed memory in its process "
+                             "(megamoe.training.allocator.keep_freed_memory(), as pretrain_gpt.py does on CPU), "
+                             "transformers runs with glibc's defaults, as it does; default: glibc's defaults for "
+                             "both; tuned: keep_freed_memory() for both")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, print megamoe's N most expensive ops over one profiled step")
     args = parser.parse_args()
     bf16 = not args.fp32
-    tuned = False if args.default_malloc else keep_freed_memory()
     dtype = torch.bfloat16 if bf16 else torch.float32
     recompute = {} if args.recompute == "none" else (
         dict(recompute_granularity="selective") if args.recompute == "selective" else
@@ -151,30 +205,30 @@ def main() -> None:
     config = model_config(args.preset, args.seq_length, args.vocab_size, args.num_experts, args.topk,
                           torch_compile=args.torch_compile, **recompute)
     peak = measure_peak(dtype)
+    names = ["megamoe", "hf"] if args.compare_hf else ["megamoe"]
+    workers = {name: Worker(name, config, bf16, args.micro_batch_size, MALLOC[args.malloc][name]) for name in names}
     print(f"preset {args.preset}, {'bf16' if bf16 else 'fp32'}, seq {args.seq_length}, micro batch "
           f"{args.micro_batch_size}, threads {torch.get_num_threads()}, measured {dtype} matmul peak "
-          f"{peak:.1f} GFLOP/s, malloc keeps freed memory: {tuned}")
-    steps = {"megamoe": MegamoeStep(config, bf16, args.micro_batch_size)}
-    if args.compare_hf:
-        steps["hf"] = HFStep(config, bf16, args.micro_batch_size)
-    times = time_steps(steps, args.warmup, args.steps)
+          f"{peak:.1f} GFLOP/s, malloc keeps freed memory: "
+          + ", ".join(f"{name} {worker.tuned_malloc}" for name, worker in workers.items()))
+    times = time_steps(workers, args.warmup, args.steps)
     tokens = args.micro_batch_size * args.seq_length
     flops = training_flops_per_sample(config) * args.micro_batch_size
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
-    rates = {}
     for name, values in times.items():
         median = statistics.median(values)
-        rates[name] = tokens / median
         print(f"{name:>8}: {tokens / median:8.1f} tokens/s (min {tokens / max(values):.1f}, max "
               f"{tokens / min(values):.1f}), {flops / median / 1e9:6.1f} model GFLOP/s = "
-              f"{flops / median / 1e9 / peak:.1%} of peak, step {median * 1000:.0f} ms")
-    print(f"peak RSS of this process: {rss:.0f} MiB")
-    if "hf" in rates:
-        print(f"megamoe / transformers: {rates['megamoe'] / rates['hf']:.2f}x")
+              f"{flops / median / 1e9 / peak:.1%} of peak, step {median * 1000:.0f} ms, peak RSS "
+              f"{workers[name].ask('rss'):.0f} MiB")
+    if "hf" in times:
+        # Each round's ratio (adjacent steps, the same minute of the machine), then their median.
+        ratios = [hf / ours for ours, hf in zip(times["megamoe"], times["hf"])]
+        print(f"megamoe / transformers: {statistics.median(ratios):.2f}x (rounds: min {min(ratios):.2f}x, max "
+              f"{max(ratios):.2f}x)")
     if args.profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            steps["megamoe"]()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+        print(workers["megamoe"].ask("profile", args.profile))
+    for worker in workers.values():
+        worker.close()
 
 
 if __name__ == "__main__":
