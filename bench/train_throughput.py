@@ -147,9 +147,9 @@ class Worker:
     """The parent's handle on a _worker process."""
 
     def __init__(self, name: str, *args) -> None:
-        self.conn, child = multiprocessing.get_context("spawn").Pipe()
-        self.process = multiprocessing.get_context("spawn").Process(target=_worker, args=(child, name, *args),
-                                                                    daemon=True)
+        spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no state inherited from this one
+        self.conn, child = spawn.Pipe()
+        self.process = spawn.Process(target=_worker, args=(child, name, *args), daemon=True)
         self.process.start()
         self.tuned_malloc = self.conn.recv()
 

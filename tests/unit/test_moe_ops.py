@@ -175,11 +175,11 @@ def test_experts_pad_bf16_blocks_on_cpu_and_equal_a_direct_computation(dtype, mo
     for p in experts.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.2)
     seen = []
-    record = experts_module.grouped_linear
+    original = experts_module.grouped_linear
 
     def recording(x, weight, counts, offsets, backend):
         seen.append(list(counts))
-        return record(x, weight, counts, offsets, backend)
+        return original(x, weight, counts, offsets, backend)
 
     monkeypatch.setattr(experts_module, "grouped_linear", recording)
     counts = [3, 0, 37, 32]
