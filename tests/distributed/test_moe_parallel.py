@@ -52,6 +52,26 @@ def test_moe_layout_equals_single_process(dist_run, case):
     check_against_single_process(kwargs, dist_run(world, _body, kwargs, parallel))
 
 
+def _padded_rows_body(model_kwargs, parallel):
+    # The experts' zero-row padding (what bf16 on CPU does, experts.row_multiple) forced on in fp32, so the ranks
+    # pad while the single-process reference does not, and the comparison keeps its 1e-5.
+    from megamoe.moe import experts
+
+    original = experts.row_multiple
+    experts.row_multiple = lambda device, dtype: experts.ONEDNN_ROW_MULTIPLE
+    try:
+        return run_model(model_kwargs, parallel=parallel)
+    finally:
+        experts.row_multiple = original
+
+
+@pytest.mark.parametrize("case", ["ep2-alltoall", "tp2sp-etp2-allgather", "tp2sp-ep2-alltoall-grouped-mm"])
+def test_padded_expert_rows_equal_single_process(dist_run, case):
+    world, parallel, moe = CASES[case]
+    kwargs = moe_model(**moe)
+    check_against_single_process(kwargs, dist_run(world, _padded_rows_body, kwargs, parallel))
+
+
 CAPACITY_MODES = {"dropless": {}, "probs": DROP, "position": dict(token_drop_policy="position", **DROP),
                   "probs-pad": dict(pad_expert_input_to_capacity=True, **DROP),
                   "position-pad": dict(token_drop_policy="position", pad_expert_input_to_capacity=True, **DROP)}
