@@ -20,12 +20,11 @@ from __future__ import annotations
 import torch
 
 
-def _block_bias(first: int, last: int, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive mask [(last - first) * heads, last] of query positions [first, last): -inf above the diagonal."""
-    positions = torch.arange(first, last, device=device).repeat_interleave(heads)
-    keys = torch.arange(last, device=device)
-    masked = keys > positions[:, None]
-    return torch.zeros(masked.shape, dtype=dtype, device=device).masked_fill_(masked, float("-inf"))
+def _diagonal_mask(block: int, heads: int, device: torch.device) -> torch.Tensor:
+    """[block * heads, block]: True where a query row of a block (position, head) sees a key of the block's own
+    range that lies after it. The same for every block (a shorter last block takes its top-left corner)."""
+    positions = torch.arange(block, device=device).repeat_interleave(heads)
+    return torch.arange(block, device=device) > positions[:, None]
 
 
 class BlockCausalAttention(torch.autograd.Function):
@@ -40,12 +39,14 @@ class BlockCausalAttention(torch.autograd.Function):
         q3, k3, v3 = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)    # [b*g, s*r, d], [b*g, s, d]
         out = torch.empty_like(q3)
         probs = []
+        mask = _diagonal_mask(block, heads, q.device)
+        ignored = q3.new_zeros(())  # baddbmm with beta=0: scale x q k^T rounded once, as with a bias of zeros
         for first in range(0, s, block):
             last = min(first + block, s)
             r = slice(first * heads, last * heads)
-            bias = _block_bias(first, last, heads, q.dtype, q.device)
-            scores = torch.baddbmm(bias, q3[:, r], k3[:, :last].transpose(1, 2), alpha=scale)  # [b*g, c*r, last]
-            p = torch.softmax(scores, dim=-1)
+            scores = torch.baddbmm(ignored, q3[:, r], k3[:, :last].transpose(1, 2), beta=0, alpha=scale)
+            scores[:, :, first:].masked_fill_(mask[:(last - first) * heads, :last - first], float("-inf"))
+            p = torch.softmax(scores, dim=-1)                               # [b*g, c*r, last]
             out[:, r] = torch.bmm(p, v3[:, :last])
             probs.append(p)
         # Through save_for_backward, so selective recomputation's checkpoint can drop the probabilities too.

@@ -1,9 +1,10 @@
 """The elementwise chains of a layer, as plain functions that --torch-compile hands to torch.compile.
 
 Eager PyTorch runs each of these as several whole-tensor passes (with dtype casts in bf16); inductor fuses each
-into one loop, computing in fp32 and rounding once. Without the flag the same functions run eagerly (RMSNorm then
-uses the row-chunked op of rms_norm.py on CPU), so the compiled and eager paths compute the same formulas and the
-tests compare them. Shapes are dynamic: the experts' row counts change every step.
+into one loop, computing in fp32 and rounding once. Without the flag the same formulas run eagerly (RMSNorm then
+through the row-chunked op of rms_norm.py on CPU, SwiGLU through the op of swiglu.py, which is the formula's own
+torch ops with a cheaper backward), so the compiled and eager paths compute the same formulas and the tests compare
+them. Shapes are dynamic: the experts' row counts change every step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from megamoe.model.swiglu import swiglu_op
+
 
 def compiled(fn: Callable, enabled: bool) -> Callable:
     """fn compiled by torch.compile (inductor, dynamic shapes) when enabled, else fn itself."""
@@ -20,8 +23,11 @@ def compiled(fn: Callable, enabled: bool) -> Callable:
 
 
 def mlp_activation(swiglu_gated: bool, enabled: bool) -> Callable:
-    """The MLPs' and experts' activation: SwiGLU (compiled when enabled) or GELU."""
-    return compiled(swiglu, enabled) if swiglu_gated else F.gelu
+    """The MLPs' and experts' activation: SwiGLU (the formula compiled when enabled, else the eager op of
+    megamoe/model/swiglu.py, bitwise the formula's values and gradients) or GELU."""
+    if not swiglu_gated:
+        return F.gelu
+    return compiled(swiglu, True) if enabled else swiglu_op
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

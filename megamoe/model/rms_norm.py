@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ROWS_PER_CHUNK = 256
+# Elements per pass: 1 MiB of fp32 rows stays in cache through the chunk's passes. A fixed element count rather
+# than a fixed row count keeps the op's per-chunk overhead small at small hidden sizes.
+ELEMENTS_PER_CHUNK = 1 << 18
+
+
+def chunk_rows(hidden: int) -> int:
+    """Rows of hidden features per pass."""
+    return max(1, ELEMENTS_PER_CHUNK // hidden)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -26,8 +33,9 @@ class RMSNormFunction(torch.autograd.Function):
         x2, w = x.reshape(-1, h), weight.to(compute)
         out = torch.empty_like(x2)
         rstd = torch.empty(x2.shape[0], 1, dtype=compute, device=x.device)
-        for i in range(0, x2.shape[0], ROWS_PER_CHUNK):
-            rows = slice(i, i + ROWS_PER_CHUNK)
+        step = chunk_rows(h)
+        for i in range(0, x2.shape[0], step):
+            rows = slice(i, i + step)
             xf = x2[rows].to(compute, copy=True)
             torch.rsqrt((xf * xf).mean(-1, keepdim=True).add_(eps), out=rstd[rows])
             out[rows] = xf.mul_(rstd[rows]).mul_(w)   # rounded once, after the weight
@@ -43,8 +51,9 @@ class RMSNormFunction(torch.autograd.Function):
         compute = torch.promote_types(x.dtype, torch.float32)
         grad_w = torch.zeros(h, dtype=compute, device=x.device) if ctx.needs_input_grad[1] else None
         w = weight.to(compute)
-        for i in range(0, x2.shape[0], ROWS_PER_CHUNK):
-            rows = slice(i, i + ROWS_PER_CHUNK)
+        step = chunk_rows(h)
+        for i in range(0, x2.shape[0], step):
+            rows = slice(i, i + step)
             xhat = x2[rows].to(compute, copy=True).mul_(rstd2[rows])
             dy = dy2[rows].to(compute, copy=True)
             if grad_w is not None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megamoe.model.fused import rms_norm_formula
-from megamoe.model.rms_norm import ROWS_PER_CHUNK, rms_norm
+from megamoe.model.rms_norm import chunk_rows, rms_norm
 from tests.model_cases import rel
 
 
@@ -16,7 +16,7 @@ def reference(x, w, eps):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 6e-3)])
 def test_values_and_gradients_equal_float64_formula(op, dtype, tol):
     torch.manual_seed(0)
-    rows = 2 * ROWS_PER_CHUNK + 37  # a partial last chunk
+    rows = chunk_rows(48) + 37  # [rows, 3, 48]: three full chunks of rows and a partial one
     x = torch.randn(rows, 3, 48, dtype=torch.float64) * 4
     w, grad = torch.rand(48, dtype=torch.float64) + 0.5, torch.randn(rows, 3, 48, dtype=torch.float64)
     ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
