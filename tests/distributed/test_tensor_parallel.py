@@ -101,6 +101,23 @@ def test_vocab_parallel_cross_entropy_equals_torch(dist_run, tp, dtype, in_place
     assert torch.all(grad[..., vocab:] == 0)
 
 
+@pytest.mark.parametrize("upstream", ["1/69", "1/64", "bf16 values", "per-token rand"])
+def test_bf16_cross_entropy_gradient_is_rounded_as_defined(upstream):
+    # bf16 logits: the gradient is (softmax - onehot) rounded to bf16, times the incoming gradient in fp32, rounded
+    # again. Whether that factor is exact in bf16 (1/64, bf16 values: a same-dtype multiply) or not (1/69, rand):
+    # bitwise the same as that formula computed here with plain torch ops.
+    vocab = padded = 12
+    logits, target, rand = _ce_inputs(vocab, padded, 5, torch.bfloat16)
+    factor = {"1/69": torch.full(CE_SHAPE, 1 / 69), "1/64": torch.full(CE_SHAPE, 1 / 64),
+              "bf16 values": rand.bfloat16().float(), "per-token rand": rand}[upstream]
+    probs = torch.softmax(logits.float(), dim=-1) - F.one_hot(target, padded).float()
+    expected = (probs.bfloat16().float() * factor.unsqueeze(-1)).bfloat16()
+    local = logits.clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local * 1, target, AxisGroup("tp", (0,), 0), vocab, in_place=True)
+    (loss * factor).sum().backward()
+    assert local.grad.dtype == torch.bfloat16 and torch.equal(local.grad, expected)
+
+
 def _bad_layout_body():
     from megamoe.model.gpt import GPTModel
     from megamoe.parallel.config import ParallelConfig
