@@ -5,12 +5,15 @@ the same model, batch and CPU threads.
     python bench/train_throughput.py --preset small [--fp32] [--compare-hf] [--torch-compile] [--steps 5] [--warmup 2]
 
 Prints tokens/s, model GFLOP/s (Megatron's FLOPs formula), the fraction of the bf16 (or fp32) matmul peak
-measured in the same run, and each framework's peak RSS; with --compare-hf, transformers' figures for the same
+measured in every round of the same run, and each framework's peak RSS; with --compare-hf, transformers' figures for the same
 configuration and the ratio. Figures are medians over the timed steps.
 
 Each framework runs in a worker process of its own, started by this one, and the steps alternate between them
 (megamoe, transformers, megamoe, ...), so both see the same minutes of this shared machine; the ratio printed is
-the median of the rounds' ratios. Separate processes keep each framework's allocator as it runs (--malloc) and
+the median of the rounds' ratios. The matmul peak is measured in every round too, in megamoe's process right after
+its step, and each framework's fraction of the peak is the median of its rounds' fractions: on these shared
+machines the best GEMM rate moves by up to a factor of two between minutes, so one peak measured at start-up made
+the fraction a reading of the neighbours. Separate processes keep each framework's allocator as it runs (--malloc) and
 keep oneDNN's compiled-kernel cache, which transformers' expert GEMMs churn every step, out of megamoe's process.
 """
 
@@ -121,7 +124,8 @@ MALLOC = {
 }
 
 
-def _worker(conn, name: str, config: ModelConfig, bf16: bool, micro_batch: int, tuned_malloc: bool) -> None:
+def _worker(conn, name: str, config: ModelConfig, bf16: bool, micro_batch: int, tuned_malloc: bool,
+            peak_repeats: int) -> None:
     """One framework's step in a process of its own: builds it, then answers the parent's requests."""
     if tuned_malloc:
         keep_freed_memory()
@@ -133,6 +137,8 @@ def _worker(conn, name: str, config: ModelConfig, bf16: bool, micro_batch: int, 
             start = time.perf_counter()
             step()
             conn.send(time.perf_counter() - start)
+        elif request == "peak":
+            conn.send(measure_peak(torch.bfloat16 if bf16 else torch.float32, repeats=peak_repeats))
         elif request == "profile":
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 step()
@@ -162,16 +168,20 @@ class Worker:
         self.process.join()
 
 
-def time_steps(workers: dict[str, Worker], warmup: int, timed: int) -> dict[str, list[float]]:
-    """Each worker runs `warmup` steps, then `timed` rounds of one step each, alternating between workers."""
+def time_steps(workers: dict[str, Worker], warmup: int, timed: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Each worker runs `warmup` steps, then `timed` rounds of one step each, alternating between workers. Returns
+    each worker's step times and, for every round, the matmul peak measured by the first worker after its step."""
     for worker in workers.values():
         for _ in range(warmup):
             worker.ask("step")
-    times = {name: [] for name in workers}
+    times, peaks = {name: [] for name in workers}, []
+    first = next(iter(workers.values()))
     for _ in range(timed):
         for name, worker in workers.items():
             times[name].append(worker.ask("step"))
-    return times
+            if worker is first:
+                peaks.append(first.ask("peak"))
+    return times, peaks
 
 
 def main() -> None:
@@ -185,6 +195,8 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peak-repeats", type=int, default=5,
+                        help="timed 2048^3 matmuls per round's peak measurement (the best of them is the peak)")
     parser.add_argument("--compare-hf", action="store_true")
     parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     parser.add_argument("--torch-compile", action="store_true",
@@ -204,22 +216,24 @@ def main() -> None:
         dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1))
     config = model_config(args.preset, args.seq_length, args.vocab_size, args.num_experts, args.topk,
                           torch_compile=args.torch_compile, **recompute)
-    peak = measure_peak(dtype)
     names = ["megamoe", "hf"] if args.compare_hf else ["megamoe"]
-    workers = {name: Worker(name, config, bf16, args.micro_batch_size, MALLOC[args.malloc][name]) for name in names}
+    workers = {name: Worker(name, config, bf16, args.micro_batch_size, MALLOC[args.malloc][name], args.peak_repeats)
+               for name in names}
     print(f"preset {args.preset}, {'bf16' if bf16 else 'fp32'}, seq {args.seq_length}, micro batch "
-          f"{args.micro_batch_size}, threads {torch.get_num_threads()}, measured {dtype} matmul peak "
-          f"{peak:.1f} GFLOP/s, malloc keeps freed memory: "
+          f"{args.micro_batch_size}, threads {torch.get_num_threads()}, malloc keeps freed memory: "
           + ", ".join(f"{name} {worker.tuned_malloc}" for name, worker in workers.items()))
-    times = time_steps(workers, args.warmup, args.steps)
+    times, peaks = time_steps(workers, args.warmup, args.steps)
+    print(f"measured {dtype} matmul peak, per round: median {statistics.median(peaks):.1f} GFLOP/s (min "
+          f"{min(peaks):.1f}, max {max(peaks):.1f})")
     tokens = args.micro_batch_size * args.seq_length
     flops = training_flops_per_sample(config) * args.micro_batch_size
     for name, values in times.items():
         median = statistics.median(values)
+        fractions = [flops / t / 1e9 / peak for t, peak in zip(values, peaks)]  # each round against its peak
         print(f"{name:>8}: {tokens / median:8.1f} tokens/s (min {tokens / max(values):.1f}, max "
               f"{tokens / min(values):.1f}), {flops / median / 1e9:6.1f} model GFLOP/s = "
-              f"{flops / median / 1e9 / peak:.1%} of peak, step {median * 1000:.0f} ms, peak RSS "
-              f"{workers[name].ask('rss'):.0f} MiB")
+              f"{statistics.median(fractions):.1%} of peak (rounds: {min(fractions):.1%} to {max(fractions):.1%}), "
+              f"step {median * 1000:.0f} ms, peak RSS {workers[name].ask('rss'):.0f} MiB")
     if "hf" in times:
         # Each round's ratio (adjacent steps, the same minute of the machine), then their median.
         ratios = [hf / ours for ours, hf in zip(times["megamoe"], times["hf"])]
