@@ -5,16 +5,16 @@ the same model, batch and CPU threads.
     python bench/train_throughput.py --preset small [--fp32] [--compare-hf] [--torch-compile] [--steps 5] [--warmup 2]
 
 Prints tokens/s, model GFLOP/s (Megatron's FLOPs formula), the fraction of the bf16 (or fp32) matmul peak
-measured in every round of the same run, and each framework's peak RSS; with --compare-hf, transformers' figures for the same
-configuration and the ratio. Figures are medians over the timed steps.
+measured in every round of the same run, and each framework's peak RSS; with --compare-hf, transformers' figures
+for the same configuration and the ratio. Figures are medians over the timed steps.
 
 Each framework runs in a worker process of its own, started by this one, and the steps alternate between them
 (megamoe, transformers, megamoe, ...), so both see the same minutes of this shared machine; the ratio printed is
 the median of the rounds' ratios. The matmul peak is measured in every round too, in megamoe's process right after
 its step, and each framework's fraction of the peak is the median of its rounds' fractions: on these shared
 machines the best GEMM rate moves by up to a factor of two between minutes, so one peak measured at start-up made
-the fraction a reading of the neighbours. Separate processes keep each framework's allocator as it runs (--malloc) and
-keep oneDNN's compiled-kernel cache, which transformers' expert GEMMs churn every step, out of megamoe's process.
+the fraction a reading of the neighbours. Separate processes keep each framework's allocator as it runs (--malloc)
+and keep oneDNN's compiled-kernel cache, which transformers' expert GEMMs churn every step, out of megamoe's process.
 """
 
 from __future__ import annotations

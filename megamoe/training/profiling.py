@@ -4,8 +4,8 @@ Each profiled rank writes {dir}/rank{r}.pt.trace.json (open it in Perfetto, chro
 profiler plugin) and {dir}/rank{r}.summary.txt, a table of the ops that cost the most time.
 
 Input shapes are recorded only with --profile-record-shapes: on CPU, recording them made the loss's 32-row chunks
-look 12x slower than they run (softmax 510 against 36-42 ms a step, small benchmark preset), the profiler's own
-allocations splitting the freed blocks the next chunk would have reused.
+look 12x slower than they run (softmax 510 against 36-42 ms a step, small benchmark preset; most likely the
+profiler's own allocations split the freed blocks that the next chunk would have reused, so it page-faults).
 """
 
 from __future__ import annotations
