@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the {args.eval_split} split of --data-path is empty (see --split)", file=sys.stderr)
             return 2
     profile = ProfileConfig.from_args(args)
-    with maybe_profile(profile.enabled and mesh.rank in profile.ranks, profile.output_dir, mesh.rank):
+    with maybe_profile(profile.enabled and mesh.rank in profile.ranks, profile.output_dir, mesh.rank,
+                       profile.record_shapes):
         result = evaluate(loaded, dataset, args.micro_batch_size, samples, args.output_word_probs)
     if mesh.rank == mesh.config.world_size - 1:
         print(f"{loaded.checkpoint}: {result.tokens} tokens | loss {result.loss:.6f} | perplexity "

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = ProfileConfig.from_args(args)
         mesh = loaded.mesh
-        with maybe_profile(profile.enabled and mesh.rank in profile.ranks, profile.output_dir, mesh.rank):
+        with maybe_profile(profile.enabled and mesh.rank in profile.ranks, profile.output_dir, mesh.rank,
+                           profile.record_shapes):
             outputs = generate(loaded, prompts, config)
     except ValueError as err:  # raised on every rank alike, before any collective
         print(f"error: {err}", file=sys.stderr)

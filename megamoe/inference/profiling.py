@@ -43,15 +43,16 @@ def summarize(profile: torch.profiler.profile, rows: int = 25) -> str:
 
 
 @contextlib.contextmanager
-def maybe_profile(enabled: bool, output_dir: str, rank: int):
-    """Profile the enclosed work on this rank when enabled; write the trace and the summary at the end."""
+def maybe_profile(enabled: bool, output_dir: str, rank: int, record_shapes: bool = False):
+    """Profile the enclosed work on this rank when enabled; write the trace and the summary at the end.
+    record_shapes: --profile-record-shapes (off by default: on CPU it distorts the times of chunked ops)."""
     if not enabled:
         yield None
         return
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profile:
+    with torch.profiler.profile(activities=activities, record_shapes=record_shapes) as profile:
         yield profile
     os.makedirs(output_dir, exist_ok=True)
     prefix = os.path.join(output_dir, f"rank{rank}")
