@@ -8,9 +8,14 @@ dp x cp, expert parameters over expert-dp. A buffer holds
            shards straight into them.
 Parameters are laid out in reverse registration order (roughly the order backward produces gradients) and cut
 into buckets of about bucket_size elements, each padded to a multiple of the group size so it splits into equal
-shards. A post-accumulate hook moves each gradient into main_grad; with overlap_grad_reduce the bucket's
+shards. A post-accumulate hook moves each gradient into main_grad (a cast copy for the parameter's first gradient
+of the step, an add for later micro-batches' ones); with overlap_grad_reduce the bucket's
 reduction (all-reduce, or reduce-scatter into this rank's shard under the distributed optimizer) starts as soon as
 its last gradient arrives on the last micro-batch. finish_grad_sync() starts what is left and waits.
+Because the first gradient overwrites, zero_grad() zeroes nothing: it forgets which parameters were written, and
+only the parameters that got no gradient in a step are zeroed, by zero_unwritten_grads(), before any reduction
+reads them (a full-buffer fill was about 1% of a step on CPU). Padding is zero from construction and stays zero:
+reductions add zeros and the optimizer only scales it.
 Tied embedding weights on separate pipeline stages sit in a bucket of their own that is never overlapped, so
 finalize_grads can add the two stages' gradients before that bucket is reduced.
 """
@@ -191,6 +196,7 @@ class DistributedDataParallel:
                 self._start(buffer, bucket)
 
     def _start(self, buffer: GradBuffer, bucket: Bucket) -> None:
+        self._zero_unwritten(bucket)
         data = buffer.grad[bucket.start:bucket.end]
         if self.config.use_distributed_optimizer:
             lo, hi = bucket.shard(buffer.group)
@@ -200,7 +206,8 @@ class DistributedDataParallel:
             bucket.pending = comm.all_reduce(data, buffer.group, async_op=True)
 
     def finish_grad_sync(self) -> None:
-        """Reduce every bucket not reduced yet, wait for all, and reset for the next step's backward."""
+        """Reduce every bucket not reduced yet (after zeroing the gradients of parameters that got none), wait
+        for all, and reset for the next step's backward."""
         for buffer in self.buffers:
             for bucket in buffer.buckets:
                 if bucket.pending is None:
@@ -211,9 +218,22 @@ class DistributedDataParallel:
                     buffer.grad[lo:hi].copy_(bucket.shard_output)
                 bucket.pending, bucket.shard_output, bucket.ready = None, None, 0
 
-    def zero_grad(self) -> None:
+    def _zero_unwritten(self, bucket: Bucket) -> None:
+        for p in bucket.params:
+            if p not in self._written:  # no gradient this step: main_grad still holds the last step's
+                p.main_grad.zero_()
+                self._written.add(p)
+
+    def zero_unwritten_grads(self) -> None:
+        """Zero the main_grad of every parameter that got no gradient since zero_grad(), so that every main_grad
+        holds this step's gradient. finish_grad_sync() does it before reducing; call it before reading main_grad
+        earlier (finalize_grads' tied-embedding sum does)."""
         for buffer in self.buffers:
-            buffer.grad.zero_()
+            for bucket in buffer.buckets:
+                self._zero_unwritten(bucket)
+
+    def zero_grad(self) -> None:
+        """Start a new step: each parameter's next gradient overwrites its main_grad (see the module docstring)."""
         self._written.clear()
 
 

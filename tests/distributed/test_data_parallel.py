@@ -201,6 +201,32 @@ def test_bf16_keeps_fp32_master_weights_so_tiny_updates_add_up():
     assert norm[0].item() < 1.0  # the fp32 master value reached the bf16 weight
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_zero_grad_is_lazy_but_parameters_without_a_gradient_read_zero(overlap):
+    """zero_grad() fills nothing: a step's first gradient overwrites main_grad. A parameter that gets no gradient
+    in a step must still read zero after finalize_grads, not the previous step's gradient."""
+    mesh = ParallelMesh(ParallelConfig(world_size=1))
+    cfg = make_config(**VARIANTS["mixtral"])
+    model = GPTModel(cfg, mesh, seed=SEED)
+    ddp = DistributedDataParallel(model, mesh, DDPConfig(overlap_grad_reduce=overlap, bucket_size=2000))
+    forward_backward([model], [micro_batch(cfg, 0, 0)], mesh, ddps=[ddp])
+    finalize_grads([model], mesh, ddps=[ddp])
+    params = dict(model.named_parameters())
+    assert all(p.main_grad.abs().sum() > 0 for p in params.values())  # every parameter got a gradient
+    ddp.zero_grad()
+    # Step 2: only the output layer and the final norm get a gradient (twice: a second micro-batch adds).
+    touched = ("output_layer.weight", "decoder.final_layernorm.weight")
+    for scale in (1.0, 2.0):
+        (sum(params[n].float().square().sum() for n in touched) * scale).backward()
+    finalize_grads([model], mesh, ddps=[ddp])
+    for name, p in params.items():
+        expected = 6 * p.detach() if name in touched else torch.zeros_like(p)
+        assert torch.allclose(p.main_grad, expected, rtol=1e-6, atol=0), name
+    for buffer in ddp.buffers:  # padding and every parameter: the buffer holds exactly this step's gradients
+        covered = sum(p.numel() for p in buffer.offsets)
+        assert torch.count_nonzero(buffer.grad) <= covered
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(fp16=True, bf16=True), "--fp16 and --bf16 exclude each other"),
     (dict(optimizer="lamb"), "--optimizer must be one of"),
