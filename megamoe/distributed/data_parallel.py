@@ -12,10 +12,11 @@ shards. A post-accumulate hook moves each gradient into main_grad (a cast copy f
 of the step, an add for later micro-batches' ones); with overlap_grad_reduce the bucket's
 reduction (all-reduce, or reduce-scatter into this rank's shard under the distributed optimizer) starts as soon as
 its last gradient arrives on the last micro-batch. finish_grad_sync() starts what is left and waits.
-Because the first gradient overwrites, zero_grad() zeroes nothing: it forgets which parameters were written, and
-only the parameters that got no gradient in a step are zeroed, by zero_unwritten_grads(), before any reduction
-reads them (a full-buffer fill was about 1% of a step on CPU). Padding is zero from construction and stays zero:
-reductions add zeros and the optimizer only scales it.
+Because the first gradient overwrites, zero_grad() zeroes nothing by default (a full-buffer fill was about 1% of a
+CPU step): like torch's zero_grad(set_to_none=True), it leaves main_grad undefined until the step's backward, and
+only the parameters that got no gradient are zeroed, by zero_unwritten_grads(), before any reduction reads them.
+Code that writes main_grad by hand and then finalizes calls zero_grad(set_to_none=False). Padding is zero from
+construction and stays zero: reductions add zeros and the optimizer only scales it.
 Tied embedding weights on separate pipeline stages sit in a bucket of their own that is never overlapped, so
 finalize_grads can add the two stages' gradients before that bucket is reduced.
 """
@@ -150,7 +151,7 @@ class DistributedDataParallel:
             if members:
                 self.buffers.append(_pack(members, group, bucket_size, mesh.device))
         self._bucket_of = {p: (buf, b) for buf in self.buffers for b in buf.buckets for p in b.params}
-        self._written: set[nn.Parameter] = set()  # parameters whose main_grad holds a gradient of this step
+        self._written: set[nn.Parameter] = set()  # parameters whose main_grad holds a value of this step
         for _, p in named:
             p.register_post_accumulate_grad_hook(self._hook)
         if config.overlap_param_gather:
@@ -232,9 +233,16 @@ class DistributedDataParallel:
             for bucket in buffer.buckets:
                 self._zero_unwritten(bucket)
 
-    def zero_grad(self) -> None:
-        """Start a new step: each parameter's next gradient overwrites its main_grad (see the module docstring)."""
-        self._written.clear()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Start a new step. set_to_none (default): main_grad is undefined until each parameter's first gradient
+        overwrites it, and zero for those that get none (see the module docstring). False: fill the buffers with
+        zeros now, so that values written into main_grad by hand are kept and gradients add to them."""
+        if set_to_none:
+            self._written.clear()
+            return
+        for buffer in self.buffers:
+            buffer.grad.zero_()
+        self._written.update(self._bucket_of)
 
 
 def _is_called(module: nn.Module) -> bool:

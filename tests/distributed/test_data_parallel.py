@@ -147,7 +147,7 @@ def test_fp16_skips_steps_on_inf_and_backs_off_with_hysteresis():
     before = weight.detach().clone()
 
     def step(inject_inf):
-        ddp.zero_grad()
+        ddp.zero_grad(set_to_none=False)  # gradients written by hand below
         weight.main_grad.fill_(opt.loss_scale * 1e-3)
         if inject_inf:
             weight.main_grad[0, 0] = float("inf")
@@ -173,7 +173,7 @@ def test_sgd_with_momentum_and_weight_decay_equals_torch():
                                 lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
-        ddp.zero_grad()
+        ddp.zero_grad(set_to_none=False)  # gradients written by hand below
         for n, p in params.items():
             grad = torch.randn(p.shape, generator=g)
             p.main_grad.copy_(grad)
@@ -192,7 +192,7 @@ def test_bf16_keeps_fp32_master_weights_so_tiny_updates_add_up():
     norm = model.decoder.final_layernorm.weight  # starts at 1.0; bf16 cannot store 1 - 1e-4
     assert norm.dtype == torch.bfloat16 and all(r.main.dtype == torch.float32 for r in opt.regions)
     for _ in range(100):
-        ddp.zero_grad()
+        ddp.zero_grad(set_to_none=False)  # gradients written by hand below
         norm.main_grad.fill_(1.0)
         opt.step()
     region = opt.regions[0]
@@ -225,6 +225,15 @@ def test_zero_grad_is_lazy_but_parameters_without_a_gradient_read_zero(overlap):
     for buffer in ddp.buffers:  # padding and every parameter: the buffer holds exactly this step's gradients
         covered = sum(p.numel() for p in buffer.offsets)
         assert torch.count_nonzero(buffer.grad) <= covered
+    # set_to_none=False: zeros now, so a gradient written by hand survives finalize_grads and gradients add.
+    ddp.zero_grad(set_to_none=False)
+    by_hand = params["decoder.layers.0.self_attention.linear_proj.weight"]
+    by_hand.main_grad.fill_(0.5)
+    (params[touched[0]].float().square().sum()).backward()
+    finalize_grads([model], mesh, ddps=[ddp])
+    assert torch.equal(by_hand.main_grad, torch.full_like(by_hand, 0.5))
+    assert torch.allclose(params[touched[0]].main_grad, 2 * params[touched[0]].detach(), rtol=1e-6, atol=0)
+    assert params[touched[1]].main_grad.abs().sum() == 0
 
 
 @pytest.mark.parametrize("kwargs, needle", [
