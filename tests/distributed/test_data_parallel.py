@@ -222,9 +222,6 @@ def test_zero_grad_is_lazy_but_parameters_without_a_gradient_read_zero(overlap):
     for name, p in params.items():
         expected = 6 * p.detach() if name in touched else torch.zeros_like(p)
         assert torch.allclose(p.main_grad, expected, rtol=1e-6, atol=0), name
-    for buffer in ddp.buffers:  # padding and every parameter: the buffer holds exactly this step's gradients
-        covered = sum(p.numel() for p in buffer.offsets)
-        assert torch.count_nonzero(buffer.grad) <= covered
     # set_to_none=False: zeros now, so a gradient written by hand survives finalize_grads and gradients add.
     ddp.zero_grad(set_to_none=False)
     by_hand = params["decoder.layers.0.self_attention.linear_proj.weight"]
