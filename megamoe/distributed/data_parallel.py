@@ -197,7 +197,6 @@ class DistributedDataParallel:
                 self._start(buffer, bucket)
 
     def _start(self, buffer: GradBuffer, bucket: Bucket) -> None:
-        self._zero_unwritten(bucket)
         data = buffer.grad[bucket.start:bucket.end]
         if self.config.use_distributed_optimizer:
             lo, hi = bucket.shard(buffer.group)
@@ -208,7 +207,8 @@ class DistributedDataParallel:
 
     def finish_grad_sync(self) -> None:
         """Reduce every bucket not reduced yet (after zeroing the gradients of parameters that got none), wait
-        for all, and reset for the next step's backward."""
+        for all, and reset for the next step's backward. A bucket the hook started early had all its gradients."""
+        self.zero_unwritten_grads()
         for buffer in self.buffers:
             for bucket in buffer.buckets:
                 if bucket.pending is None:
@@ -219,19 +219,14 @@ class DistributedDataParallel:
                     buffer.grad[lo:hi].copy_(bucket.shard_output)
                 bucket.pending, bucket.shard_output, bucket.ready = None, None, 0
 
-    def _zero_unwritten(self, bucket: Bucket) -> None:
-        for p in bucket.params:
-            if p not in self._written:  # no gradient this step: main_grad still holds the last step's
-                p.main_grad.zero_()
-                self._written.add(p)
-
     def zero_unwritten_grads(self) -> None:
         """Zero the main_grad of every parameter that got no gradient since zero_grad(), so that every main_grad
         holds this step's gradient. finish_grad_sync() does it before reducing; call it before reading main_grad
         earlier (finalize_grads' tied-embedding sum does)."""
-        for buffer in self.buffers:
-            for bucket in buffer.buckets:
-                self._zero_unwritten(bucket)
+        for p in self._bucket_of:
+            if p not in self._written:  # no gradient this step: main_grad still holds the last step's
+                p.main_grad.zero_()
+                self._written.add(p)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Start a new step. set_to_none (default): main_grad is undefined until each parameter's first gradient
