@@ -45,10 +45,11 @@ def finalize_grads(chunks: list[nn.Module], mesh: ParallelMesh, num_tokens: torc
         ddps: the chunks' DistributedDataParallel wrappers, when gradients live in their buffers; their buckets
             (some perhaps already reduced during backward) do the data-parallel step.
     """
-    for ddp in ddps or ():
-        ddp.zero_unwritten_grads()  # every main_grad read below must hold this step's gradient
     if mesh.config.pp > 1 and mesh["embd"] is not None:
         # Before the data-parallel step: with the distributed optimizer each stage keeps only its own shard after.
+        # finish_grad_sync zeroes the gradients no parameter got, but this sum reads main_grad before it does.
+        for ddp in ddps or ():
+            ddp.zero_unwritten_grads()
         for chunk, name, _, grad in _grads(chunks):
             tied = not chunk.config.untie_embeddings_and_output_weights
             if tied and (name == WORD_EMBEDDING or name == TIED_OUTPUT):
