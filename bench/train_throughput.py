@@ -15,6 +15,13 @@ its step, and each framework's fraction of the peak is the median of its rounds'
 machines the best GEMM rate moves by up to a factor of two between minutes, so one peak measured at start-up made
 the fraction a reading of the neighbours. Separate processes keep each framework's allocator as it runs (--malloc)
 and keep oneDNN's compiled-kernel cache, which transformers' expert GEMMs churn every step, out of megamoe's process.
+
+With --compare-hf each timed step starts after --settle idle seconds (default 3). On a virtual machine with free page
+reporting (virtio-balloon; the machines here have it) the guest hands memory that a process freed back to the host
+about a second later, and while the host takes it the running step loses time: transformers, with glibc's
+defaults, frees and maps again about 0.5 GiB a step, and the megamoe step right after it ran 15-20% slower (steal
+time showed in /proc/stat) than after a megamoe step, an idle pause or a transformers step with megamoe's allocator
+setting. The pause lets that work finish between the frameworks' steps instead of inside the next one's.
 """
 
 from __future__ import annotations
@@ -168,9 +175,11 @@ class Worker:
         self.process.join()
 
 
-def time_steps(workers: dict[str, Worker], warmup: int, timed: int) -> tuple[dict[str, list[float]], list[float]]:
-    """Each worker runs `warmup` steps, then `timed` rounds of one step each, alternating between workers. Returns
-    each worker's step times and, for every round, the matmul peak measured by the first worker after its step."""
+def time_steps(workers: dict[str, Worker], warmup: int, timed: int,
+               settle: float) -> tuple[dict[str, list[float]], list[float]]:
+    """Each worker runs `warmup` steps, then `timed` rounds of one step each, alternating between workers, each
+    timed step after `settle` idle seconds when there are several workers. Returns each worker's step times and,
+    for every round, the matmul peak measured by the first worker after its step."""
     for worker in workers.values():
         for _ in range(warmup):
             worker.ask("step")
@@ -178,6 +187,8 @@ def time_steps(workers: dict[str, Worker], warmup: int, timed: int) -> tuple[dic
     first = next(iter(workers.values()))
     for _ in range(timed):
         for name, worker in workers.items():
+            if len(workers) > 1:
+                time.sleep(settle)  # the other process's freed memory is handed back before this step starts
             times[name].append(worker.ask("step"))
             if worker is first:
                 peaks.append(first.ask("peak"))
@@ -206,6 +217,9 @@ def main() -> None:
                              "(megamoe.training.allocator.keep_freed_memory(), as pretrain_gpt.py does on CPU), "
                              "transformers runs with glibc's defaults, as it does; default: glibc's defaults for "
                              "both; tuned: keep_freed_memory() for both")
+    parser.add_argument("--settle", type=float, default=3.0, metavar="SECONDS",
+                        help="with --compare-hf, idle seconds before each timed step (see the module docstring); "
+                             "0 to alternate at once")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, print megamoe's N most expensive ops over one profiled step")
     args = parser.parse_args()
@@ -222,7 +236,7 @@ def main() -> None:
     print(f"preset {args.preset}, {'bf16' if bf16 else 'fp32'}, seq {args.seq_length}, micro batch "
           f"{args.micro_batch_size}, threads {torch.get_num_threads()}, malloc keeps freed memory: "
           + ", ".join(f"{name} {worker.tuned_malloc}" for name, worker in workers.items()))
-    times, peaks = time_steps(workers, args.warmup, args.steps)
+    times, peaks = time_steps(workers, args.warmup, args.steps, args.settle)
     print(f"measured {dtype} matmul peak, per round: median {statistics.median(peaks):.1f} GFLOP/s (min "
           f"{min(peaks):.1f}, max {max(peaks):.1f})")
     tokens = args.micro_batch_size * args.seq_length
