@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.matmul_peak import measure_peak  # noqa: E402
 from bench.moe_layer import timed  # noqa: E402
 from megamoe.model.block_attention import block_causal_attention  # noqa: E402
+from megamoe.training.allocator import keep_freed_memory  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     dtype = torch.float32 if args.fp32 else torch.bfloat16
+    keep_freed_memory()  # as pretrain_gpt.py does on CPU
     b, h, g, s, d = args.batch, args.heads, args.groups, args.seq, args.head_dim
     peak = measure_peak(dtype)
     q = torch.randn(b, h, s, d, dtype=dtype)
