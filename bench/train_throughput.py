@@ -16,9 +16,9 @@ machines the best GEMM rate moves by up to a factor of two between minutes, so o
 the fraction a reading of the neighbours. Separate processes keep each framework's allocator as it runs (--malloc)
 and keep oneDNN's compiled-kernel cache, which transformers' expert GEMMs churn every step, out of megamoe's process.
 
-With --compare-hf each timed step starts after --settle idle seconds (default 3). On a virtual machine with free page
-reporting (virtio-balloon; the machines here have it) the guest hands memory that a process freed back to the host
-about a second later, and while the host takes it the running step loses time: transformers, with glibc's
+With --compare-hf each timed step starts after --settle idle seconds (default 3). On a virtual machine with free
+page reporting (virtio-balloon; machine B of the README has it) the guest hands memory that a process freed back to
+the host about a second later, and while the host takes it the running step loses time: transformers, with glibc's
 defaults, frees and maps again about 0.5 GiB a step, and the megamoe step right after it ran 15-20% slower (steal
 time showed in /proc/stat) than after a megamoe step, an idle pause or a transformers step with megamoe's allocator
 setting. The pause lets that work finish between the frameworks' steps instead of inside the next one's.
@@ -223,6 +223,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, print megamoe's N most expensive ops over one profiled step")
     args = parser.parse_args()
+    if args.settle < 0:
+        parser.error(f"--settle must be 0 or more seconds, got {args.settle}")
     bf16 = not args.fp32
     dtype = torch.bfloat16 if bf16 else torch.float32
     recompute = {} if args.recompute == "none" else (
